@@ -1,0 +1,41 @@
+"""guardrail: stop text-to-image diffusion models from handing users copies of their training images.
+
+A `Blocklist` holds embeddings of images that must not be reproduced; a `Guard` embeds generated images with
+open_clip and looks them up with faiss; a `GuardedPipeline` wraps any diffusers pipeline and resamples, rejects
+or flags matches. Heavy libraries (torch, open_clip, diffusers, faiss) are imported only when first used.
+"""
+
+from .blocklist import DEFAULT_THRESHOLD, Blocklist
+from .embedders import Embedder, OpenCLIPEmbedder, embedder_from_spec
+from .errors import (
+    BlocklistError,
+    EmbedderMismatchError,
+    GuardrailError,
+    ImageDecodeError,
+    ResampleExhaustedError,
+    UsageError,
+)
+from .guard import Guard, Verdict
+from .index import BlocklistIndex
+from .pipeline import GuardedPipeline, GuardReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "Blocklist",
+    "BlocklistError",
+    "BlocklistIndex",
+    "Embedder",
+    "EmbedderMismatchError",
+    "Guard",
+    "GuardReport",
+    "GuardedPipeline",
+    "GuardrailError",
+    "ImageDecodeError",
+    "OpenCLIPEmbedder",
+    "ResampleExhaustedError",
+    "UsageError",
+    "Verdict",
+    "embedder_from_spec",
+]

@@ -1,0 +1,224 @@
+"""Images -> L2-normalized float32 vectors, plus a `spec` that pins exactly how they were made.
+
+A blocklist is only meaningful with the embedder that built it: vectors from two models (or two preprocessing
+configs) are not comparable. The spec is stored in every blocklist and compared at load time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from .errors import EmbedderMismatchError, GuardrailError, UsageError
+from .images import ImageInput, to_pil_images
+
+# Keys of a spec that do not change the vectors, so two specs that differ only there still match.
+_NON_IDENTITY_KEYS = frozenset({"weights_file", "precision", "device", "batch_size", "open_clip_version"})
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Anything that maps images to unit-norm float32 vectors and can say how (`spec`)."""
+
+    spec: dict
+    dim: int
+
+    def embed(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+        """Returns float32 `(N, dim)` vectors with unit L2 norm, one per image."""
+        ...
+
+
+def spec_identity(spec: dict) -> dict:
+    """The part of a spec that determines the vectors (drops file names, precision, device)."""
+    return {key: value for key, value in spec.items() if key not in _NON_IDENTITY_KEYS}
+
+
+def spec_differences(expected: dict, actual: dict) -> list[str]:
+    """Human-readable `key: expected != actual` lines for every identity key that differs."""
+    expected, actual = spec_identity(expected), spec_identity(actual)
+    return [
+        f"{key}: {expected.get(key)!r} != {actual.get(key)!r}"
+        for key in sorted(set(expected) | set(actual))
+        if _normalize(expected.get(key)) != _normalize(actual.get(key))
+    ]
+
+
+def _normalize(value: Any) -> Any:
+    # JSON round trips turn tuples into lists; compare them as equal.
+    if isinstance(value, (list, tuple)):
+        return [_normalize(item) for item in value]
+    return value
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    """Row-normalize float vectors to unit L2 norm; raises on NaN or zero rows instead of hiding them."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    if not np.isfinite(vectors).all() or (norms <= 1e-12).any():
+        raise GuardrailError("the embedder produced NaN, infinite or all-zero vectors; check the model weights")
+    return vectors / norms
+
+
+class OpenCLIPEmbedder:
+    """Embeds images with an open_clip image tower, using the model's own eval preprocessing.
+
+    Args:
+        model (`str`):
+            An open_clip model name, e.g. `"ViT-L-14-quickgelu"` or `"ViT-B-32"`.
+        pretrained (`str`):
+            A pretrained tag (`"openai"`, `"laion2b_s34b_b79k"`) or a path to a local weights file
+            (`.safetensors`, `.bin`, `.pt`), exactly as `open_clip.create_model_and_transforms` takes it.
+        device (`str`, *optional*, defaults to `"cpu"`):
+            Torch device for the forward pass.
+        batch_size (`int`, *optional*, defaults to 32):
+            Images per forward pass.
+        precision (`str`, *optional*, defaults to `"fp32"`):
+            open_clip precision (`"fp32"`, `"fp16"`, `"bf16"`).
+
+    Tags trained with QuickGELU (all `openai` weights) are loaded with QuickGELU even when the model name lacks the
+    `-quickgelu` suffix; open_clip would otherwise only warn and silently produce degraded vectors.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        pretrained: str | os.PathLike,
+        device: str = "cpu",
+        batch_size: int = 32,
+        precision: str = "fp32",
+    ) -> None:
+        import open_clip
+        import torch
+
+        if not pretrained:
+            raise UsageError(
+                "pretrained is required: pass a pretrained tag (e.g. 'openai') or a local weights file; "
+                "random weights give vectors no one can reproduce"
+            )
+        if batch_size < 1:
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+        pretrained = os.fspath(pretrained)
+        is_file = os.path.isfile(pretrained)
+        if not is_file and open_clip.get_pretrained_cfg(model, pretrained) == {}:
+            if os.sep in pretrained or Path(pretrained).suffix:
+                raise UsageError(f"pretrained weights file {pretrained!r} does not exist")
+            raise UsageError(
+                f"{pretrained!r} is not a pretrained tag of {model!r}; known tags: "
+                f"{open_clip.list_pretrained_tags_by_model(model)} (or pass a local weights file)"
+            )
+        model_config = open_clip.get_model_config(model)
+        if model_config is None:
+            raise UsageError(f"unknown open_clip model {model!r}; see open_clip.list_models()")
+        tag_quick_gelu = (not is_file) and open_clip.get_pretrained_cfg(model, pretrained).get("quick_gelu", False)
+        quick_gelu = bool(model_config.get("quick_gelu", False) or tag_quick_gelu)
+        try:
+            clip_model, _, preprocess = open_clip.create_model_and_transforms(
+                model, pretrained=pretrained, device=device, precision=precision, force_quick_gelu=quick_gelu
+            )
+        except RuntimeError as error:
+            raise GuardrailError(f"open_clip could not load {model!r} with pretrained={pretrained!r}: {error}") from error
+        clip_model.eval()
+        self._model = clip_model
+        self._preprocess = preprocess
+        self._torch = torch
+        self._device = torch.device(device)
+        self._dtype = next(clip_model.parameters()).dtype
+        self.batch_size = batch_size
+        self.dim = self._output_dim()
+
+        cfg = clip_model.visual.preprocess_cfg
+        self.spec: dict = {
+            "family": "open_clip",
+            "model": model,
+            "pretrained": None if is_file else pretrained,
+            "quick_gelu": quick_gelu,
+            "image_size": list(cfg["size"]) if isinstance(cfg["size"], (list, tuple)) else [cfg["size"]] * 2,
+            "mean": list(cfg["mean"]),
+            "std": list(cfg["std"]),
+            "interpolation": cfg["interpolation"],
+            "resize_mode": cfg["resize_mode"],
+            "dim": self.dim,
+            "precision": precision,
+            "open_clip_version": open_clip.__version__,
+        }
+        if is_file:
+            self.spec["weights_file"] = os.path.basename(pretrained)
+            self.spec["weights_sha256"] = file_sha256(pretrained)
+
+    def _output_dim(self) -> int:
+        size = self._model.visual.preprocess_cfg["size"]
+        height, width = size if isinstance(size, (list, tuple)) else (size, size)
+        with self._torch.inference_mode():
+            probe = self._torch.zeros(1, 3, height, width, device=self._device, dtype=self._dtype)
+            return int(self._model.encode_image(probe).shape[-1])
+
+    def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> "torch.Tensor":  # noqa: F821
+        """Images -> the model's input tensor (NCHW, on CPU), with open_clip's own eval transform."""
+        return self._torch.stack([self._preprocess(image) for image in to_pil_images(images)])
+
+    def encode(self, pixels: "torch.Tensor") -> np.ndarray:  # noqa: F821
+        """A preprocessed NCHW batch -> unit-norm float32 vectors, in chunks of `batch_size`."""
+        torch = self._torch
+        chunks = []
+        with torch.inference_mode():
+            for start in range(0, len(pixels), self.batch_size):
+                batch = pixels[start : start + self.batch_size].to(self._device, dtype=self._dtype)
+                chunks.append(self._model.encode_image(batch).float().cpu().numpy())
+        return l2_normalize(np.concatenate(chunks))
+
+    def embed(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+        """Returns float32 `(N, dim)` unit vectors. Raises `ImageDecodeError` for empty or invalid input."""
+        return self.encode(self.preprocess(images))
+
+    def __repr__(self) -> str:
+        source = self.spec.get("pretrained") or self.spec.get("weights_file")
+        return f"OpenCLIPEmbedder({self.spec['model']!r}, pretrained={source!r}, device={str(self._device)!r})"
+
+
+def embedder_from_spec(
+    spec: dict,
+    pretrained: str | os.PathLike | None = None,
+    device: str = "cpu",
+    batch_size: int = 32,
+    precision: str | None = None,
+) -> OpenCLIPEmbedder:
+    """Rebuild the embedder a blocklist was built with, from its stored spec.
+
+    A spec that names a pretrained tag is rebuilt from that tag. A spec built from a weights file needs the file
+    again (`pretrained=PATH`), and its sha256 must match. Raises `EmbedderMismatchError` when it cannot be rebuilt
+    or the result differs.
+    """
+    if spec.get("family") != "open_clip":
+        raise EmbedderMismatchError(f"cannot rebuild an embedder of family {spec.get('family')!r}; pass one yourself")
+    if pretrained is None:
+        pretrained = spec.get("pretrained")
+        if pretrained is None:
+            raise EmbedderMismatchError(
+                f"the blocklist was built from a local weights file ({spec.get('weights_file')!r}, sha256 "
+                f"{spec.get('weights_sha256')}); pass that file with --pretrained PATH (pretrained=PATH)"
+            )
+    elif os.path.isfile(pretrained) and spec.get("weights_sha256") not in (None, file_sha256(pretrained)):
+        raise EmbedderMismatchError(
+            f"weights file {os.fspath(pretrained)!r} does not match the blocklist: its sha256 differs from "
+            f"{spec.get('weights_sha256')} ({spec.get('weights_file')!r})"
+        )
+    embedder = OpenCLIPEmbedder(
+        spec["model"], pretrained, device=device, batch_size=batch_size, precision=precision or spec["precision"]
+    )
+    differences = spec_differences(spec, embedder.spec)
+    if differences:
+        raise EmbedderMismatchError("the rebuilt embedder differs from the blocklist's: " + "; ".join(differences))
+    return embedder

@@ -1,0 +1,39 @@
+"""Typed errors, so callers (and the CLI) can tell bad input from bugs.
+
+Every error guardrail raises on purpose is a `GuardrailError`. Messages name the argument or file at fault and
+the fix. `exit_code` is what the `guardrail` command exits with: 1 for an error, 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+
+class GuardrailError(Exception):
+    """Base class of every error guardrail raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(GuardrailError, ValueError):
+    """An argument is invalid: its value, type or combination with other arguments."""
+
+    exit_code = 2
+
+
+class BlocklistError(GuardrailError):
+    """A blocklist file or object is unreadable, truncated, tampered with, or inconsistent."""
+
+
+class EmbedderMismatchError(GuardrailError):
+    """The runtime embedder does not make the same vectors as the one that built the blocklist."""
+
+
+class ImageDecodeError(GuardrailError, ValueError):
+    """An input image cannot be decoded or turned into a valid embedding (corrupt, empty, NaN, bad shape)."""
+
+
+class ResampleExhaustedError(GuardrailError):
+    """Every resample attempt still matched the blocklist, and `on_exhausted="raise"` was asked for."""
+
+    def __init__(self, message: str, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report

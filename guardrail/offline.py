@@ -1,0 +1,124 @@
+"""Real model classes with small seeded weights, built with no network: for the demo, examples, tests, benchmarks.
+
+Nothing here fakes a download. The tokenizer is the real CLIP BPE vocabulary that open_clip ships; the models are
+real diffusers / open_clip classes built from small configs with seeded random weights. Users with real weights
+never need this module.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from pathlib import Path
+
+_CLIP_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+
+
+def write_clip_tokenizer_files(folder: str | os.PathLike) -> Path:
+    """Write CLIP's `vocab.json` and `merges.txt`, derived from open_clip's bundled BPE file, into `folder`.
+
+    The token ids are CLIP's own (49,408 tokens; 49406/49407 for start/end of text).
+    """
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]  # the slice CLIP itself uses
+    byte_tokens = list(bytes_to_unicode().values())
+    vocab = byte_tokens + [token + "</w>" for token in byte_tokens]
+    vocab += ["".join(merge.split()) for merge in merges] + list(_CLIP_SPECIAL_TOKENS)
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return folder
+
+
+def clip_tokenizer(folder: str | os.PathLike | None = None):  # -> transformers.CLIPTokenizer
+    """A real `CLIPTokenizer` with CLIP's vocabulary, built offline (see `write_clip_tokenizer_files`)."""
+    from transformers import CLIPTokenizer
+
+    folder = write_clip_tokenizer_files(folder or tempfile.mkdtemp(prefix="guardrail-clip-tokenizer-"))
+    # transformers 5.x ignores vocab_file=/merges_file= keywords: pass the folder.
+    return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, model_max_length=77)
+
+
+def tiny_stable_diffusion_pipeline(seed: int = 0):  # -> diffusers.StableDiffusionPipeline
+    """A real `StableDiffusionPipeline` of seeded tiny components (as diffusers' own tests build), 64x64 output.
+
+    No safety checker. Generating 4 images at 2 steps takes a few tens of milliseconds on CPU.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=2,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[4, 8],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=2,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            hidden_size=32,
+            intermediate_size=64,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            vocab_size=49408,
+        )
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def write_seeded_open_clip_weights(path: str | os.PathLike, model: str = "ViT-S-32", seed: int = 0) -> Path:
+    """Save a seeded, randomly initialized open_clip model to a `.safetensors` weights file.
+
+    Load it back with `OpenCLIPEmbedder(model, pretrained=path)`: the same code path as real local weights.
+    """
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    clip_model = open_clip.create_model(model, pretrained=None)
+    state = {name: tensor.detach().contiguous() for name, tensor in clip_model.state_dict().items()}
+    path = Path(path)
+    save_file(state, str(path))
+    return path

@@ -1,0 +1,59 @@
+"""Shared fixtures: real open_clip / diffusers classes with small seeded weights, built offline once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from guardrail import Blocklist, Guard, OpenCLIPEmbedder
+from guardrail.offline import tiny_stable_diffusion_pipeline, write_seeded_open_clip_weights
+
+PROMPT = "a photograph of an astronaut riding a horse"
+STEPS = 2
+# Random-weight ViT-S-32 puts different tiny-SD samples at cosine 0.95-0.98 and a re-generated copy at 1.0.
+TEST_THRESHOLD = 0.995
+
+
+def generators(seeds):
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory):
+    return write_seeded_open_clip_weights(tmp_path_factory.mktemp("weights") / "vit-s-32-seed0.safetensors")
+
+
+@pytest.fixture(scope="session")
+def embedder(weights_file):
+    return OpenCLIPEmbedder("ViT-S-32", pretrained=weights_file, batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def other_embedder(tmp_path_factory):
+    """Same architecture, other weights: its vectors must never be compared with `embedder`'s."""
+    path = write_seeded_open_clip_weights(tmp_path_factory.mktemp("other") / "vit-s-32-seed1.safetensors", seed=1)
+    return OpenCLIPEmbedder("ViT-S-32", pretrained=path)
+
+
+@pytest.fixture(scope="session")
+def sd_pipe():
+    return tiny_stable_diffusion_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def unguarded(sd_pipe):
+    """Four images of one prompt, seeds 0-3, from the plain pipeline."""
+    return sd_pipe(PROMPT, num_images_per_prompt=4, num_inference_steps=STEPS, generator=generators(range(4))).images
+
+
+@pytest.fixture(scope="session")
+def memorized_blocklist(unguarded, embedder):
+    """A blocklist holding the image that seed 1 really generates: the 'memorized training image'."""
+    return Blocklist.from_images(
+        [unguarded[1]], embedder, entries=[{"id": "seed-1", "caption": PROMPT}], threshold=TEST_THRESHOLD
+    )
+
+
+@pytest.fixture(scope="session")
+def guard(memorized_blocklist, embedder):
+    return Guard(memorized_blocklist, embedder)
