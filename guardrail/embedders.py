@@ -72,6 +72,19 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors / norms
 
 
+def quick_gelu_required(model: str, pretrained_tag: str | None) -> bool:
+    """Whether `model` must run with QuickGELU: its config says so, or its pretrained tag was trained with it.
+
+    open_clip only warns when `openai` weights are loaded into a GELU model (e.g. `ViT-B-32` instead of
+    `ViT-B-32-quickgelu`), and the vectors it then makes are quietly worse.
+    """
+    import open_clip
+
+    config = open_clip.get_model_config(model) or {}
+    tag_config = open_clip.get_pretrained_cfg(model, pretrained_tag) if pretrained_tag else {}
+    return bool(config.get("quick_gelu", False) or tag_config.get("quick_gelu", False))
+
+
 class OpenCLIPEmbedder:
     """Embeds images with an open_clip image tower, using the model's own eval preprocessing.
 
@@ -110,20 +123,9 @@ class OpenCLIPEmbedder:
             )
         if batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+        static_spec = open_clip_spec(model, pretrained)  # validates the model name, tag or file
         pretrained = os.fspath(pretrained)
-        is_file = os.path.isfile(pretrained)
-        if not is_file and open_clip.get_pretrained_cfg(model, pretrained) == {}:
-            if os.sep in pretrained or Path(pretrained).suffix:
-                raise UsageError(f"pretrained weights file {pretrained!r} does not exist")
-            raise UsageError(
-                f"{pretrained!r} is not a pretrained tag of {model!r}; known tags: "
-                f"{open_clip.list_pretrained_tags_by_model(model)} (or pass a local weights file)"
-            )
-        model_config = open_clip.get_model_config(model)
-        if model_config is None:
-            raise UsageError(f"unknown open_clip model {model!r}; see open_clip.list_models()")
-        tag_quick_gelu = (not is_file) and open_clip.get_pretrained_cfg(model, pretrained).get("quick_gelu", False)
-        quick_gelu = bool(model_config.get("quick_gelu", False) or tag_quick_gelu)
+        quick_gelu = static_spec["quick_gelu"]
         try:
             clip_model, _, preprocess = open_clip.create_model_and_transforms(
                 model, pretrained=pretrained, device=device, precision=precision, force_quick_gelu=quick_gelu
@@ -132,19 +134,18 @@ class OpenCLIPEmbedder:
             raise GuardrailError(f"open_clip could not load {model!r} with pretrained={pretrained!r}: {error}") from error
         clip_model.eval()
         self._model = clip_model
-        self._preprocess = preprocess
+        self.transform = preprocess  # one PIL image -> CHW tensor (open_clip's eval transform)
         self._torch = torch
         self._device = torch.device(device)
         self._dtype = next(clip_model.parameters()).dtype
         self.batch_size = batch_size
         self.dim = self._output_dim()
 
+        # Static fields (model, weights identity, QuickGELU) from the configs; preprocessing and dim from the model
+        # actually built, so the spec describes exactly what made the vectors.
         cfg = clip_model.visual.preprocess_cfg
         self.spec: dict = {
-            "family": "open_clip",
-            "model": model,
-            "pretrained": None if is_file else pretrained,
-            "quick_gelu": quick_gelu,
+            **static_spec,
             "image_size": list(cfg["size"]) if isinstance(cfg["size"], (list, tuple)) else [cfg["size"]] * 2,
             "mean": list(cfg["mean"]),
             "std": list(cfg["std"]),
@@ -152,11 +153,7 @@ class OpenCLIPEmbedder:
             "resize_mode": cfg["resize_mode"],
             "dim": self.dim,
             "precision": precision,
-            "open_clip_version": open_clip.__version__,
         }
-        if is_file:
-            self.spec["weights_file"] = os.path.basename(pretrained)
-            self.spec["weights_sha256"] = file_sha256(pretrained)
 
     def _output_dim(self) -> int:
         size = self._model.visual.preprocess_cfg["size"]
@@ -167,7 +164,7 @@ class OpenCLIPEmbedder:
 
     def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> "torch.Tensor":  # noqa: F821
         """Images -> the model's input tensor (NCHW, on CPU), with open_clip's own eval transform."""
-        return self._torch.stack([self._preprocess(image) for image in to_pil_images(images)])
+        return self._torch.stack([self.transform(image) for image in to_pil_images(images)])
 
     def encode(self, pixels: "torch.Tensor") -> np.ndarray:  # noqa: F821
         """A preprocessed NCHW batch -> unit-norm float32 vectors, in chunks of `batch_size`."""
@@ -186,6 +183,49 @@ class OpenCLIPEmbedder:
     def __repr__(self) -> str:
         source = self.spec.get("pretrained") or self.spec.get("weights_file")
         return f"OpenCLIPEmbedder({self.spec['model']!r}, pretrained={source!r}, device={str(self._device)!r})"
+
+
+def open_clip_spec(model: str, pretrained: str | os.PathLike) -> dict:
+    """The spec `OpenCLIPEmbedder(model, pretrained)` has, from open_clip's configs alone: no weights are loaded.
+
+    For vectors computed elsewhere with that model, such as LAION's precomputed CLIP embeddings.
+    """
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    config = open_clip.get_model_config(model)
+    if config is None:
+        raise UsageError(f"unknown open_clip model {model!r}; see open_clip.list_models()")
+    pretrained = os.fspath(pretrained)
+    is_file = os.path.isfile(pretrained)
+    tag_config = {} if is_file else open_clip.get_pretrained_cfg(model, pretrained)
+    if not is_file and not tag_config:
+        if os.sep in pretrained or Path(pretrained).suffix:
+            raise UsageError(f"pretrained weights file {pretrained!r} does not exist")
+        raise UsageError(
+            f"{pretrained!r} is not a pretrained tag of {model!r}; known tags: "
+            f"{open_clip.list_pretrained_tags_by_model(model)} (or pass a local weights file)"
+        )
+    preprocess = merge_preprocess_dict(PreprocessCfg(), {**config.get("preprocess_cfg", {}), **tag_config})
+    size = config["vision_cfg"].get("image_size", preprocess["size"])
+    spec = {
+        "family": "open_clip",
+        "model": model,
+        "pretrained": None if is_file else pretrained,
+        "quick_gelu": quick_gelu_required(model, None if is_file else pretrained),
+        "image_size": list(size) if isinstance(size, (list, tuple)) else [size, size],
+        "mean": list(preprocess["mean"]),
+        "std": list(preprocess["std"]),
+        "interpolation": preprocess["interpolation"],
+        "resize_mode": preprocess["resize_mode"],
+        "dim": int(config["embed_dim"]),
+        "precision": "fp32",
+        "open_clip_version": open_clip.__version__,
+    }
+    if is_file:
+        spec["weights_file"] = os.path.basename(pretrained)
+        spec["weights_sha256"] = file_sha256(pretrained)
+    return spec
 
 
 def embedder_from_spec(

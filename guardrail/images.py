@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any, BinaryIO, Union
 
 import numpy as np
 from PIL import Image
@@ -23,22 +23,25 @@ ImageInput = Union[Image.Image, np.ndarray, "torch.Tensor", str, os.PathLike]  #
 _CHANNELS = (1, 3, 4)
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode an image file fully into an RGB PIL image.
+def load_image(path: str | os.PathLike | BinaryIO, name: str | None = None) -> Image.Image:
+    """Decode an image file (or an open binary stream) fully into an RGB PIL image.
 
     Raises `ImageDecodeError` for unreadable paths, non-images, truncated files and decompression bombs
-    (PIL's `MAX_IMAGE_PIXELS` limit).
+    (PIL's `MAX_IMAGE_PIXELS` limit). `name` is what error messages call the image (defaults to the path).
     """
+    name = name or (os.fspath(path) if isinstance(path, (str, os.PathLike)) else "<stream>")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()  # decode now: a truncated file must fail here, not later
-                return _to_rgb(image)
+                rgb = _to_rgb(image)
+                rgb.info["source_mode"] = image.mode  # builders report conversions (CMYK, 16-bit, palette)
+                return rgb
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageDecodeError(f"{os.fspath(path)!r} is a decompression bomb: {error}") from error
+        raise ImageDecodeError(f"{name!r} is a decompression bomb: {error}") from error
     except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as error:
-        raise ImageDecodeError(f"cannot decode image {os.fspath(path)!r}: {error}") from error
+        raise ImageDecodeError(f"cannot decode image {name!r}: {error}") from error
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

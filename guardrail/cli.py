@@ -1,0 +1,223 @@
+"""The `guardrail` command: one function per verb, errors mapped to exit codes (1 error, 2 usage error).
+
+Heavy libraries are imported inside the verbs, so `guardrail --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from .blocklist import DEFAULT_THRESHOLD
+from .errors import GuardrailError
+
+
+def _add_embedder_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="open_clip model name (default: the blocklist's)")
+    parser.add_argument(
+        "--pretrained",
+        help="open_clip pretrained tag or local weights file (default: the blocklist's tag; a blocklist built from a "
+        "weights file needs that file here)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device for the embedder (default: cpu)")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print a blocklist's count, spec, threshold and creation time; verifies the checksum and every vector."""
+    import os
+
+    from .blocklist import Blocklist
+
+    blocklist = Blocklist.load(args.blocklist)  # raises BlocklistError on any damage
+    info = {
+        "path": args.blocklist,
+        "bytes": os.path.getsize(args.blocklist),
+        "count": len(blocklist),
+        "threshold": blocklist.threshold,
+        "created": blocklist.created,
+        "checksum": "ok",
+        "spec": blocklist.spec,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            print(f"{key:<{width}}  {json.dumps(value) if isinstance(value, dict) else value}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """One verdict per image. Exit 1 when any image matches (or cannot be read), 0 when none does."""
+    from .blocklist import Blocklist
+    from .embedders import embedder_from_spec
+    from .errors import ImageDecodeError
+    from .guard import Guard
+    from .images import load_image
+
+    blocklist = Blocklist.load(args.blocklist)
+    spec = blocklist.spec if args.model is None else {**blocklist.spec, "model": args.model}
+    embedder = embedder_from_spec(spec, pretrained=args.pretrained, device=args.device)
+    guard = Guard(blocklist, embedder, threshold=args.threshold)
+    decoded, errors = {}, {}
+    for path in args.images:
+        try:
+            decoded[path] = load_image(path)
+        except ImageDecodeError as error:
+            errors[path] = str(error)
+    verdicts = dict(zip(decoded, guard.check(list(decoded.values())))) if decoded else {}
+    results = [
+        {"image": path, "error": errors[path]} if path in errors else {"image": path, **verdicts[path].to_dict()}
+        for path in args.images
+    ]
+    for result in results:
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False))
+        elif "error" in result:
+            print(f"ERROR  {result['image']}: {result['error']}")
+        else:
+            status = "MATCH" if result["matched"] else "ok   "
+            print(f"{status}  {result['image']}  score={result['score']:.4f}  entry={result['entry_id']}")
+    return 1 if any(r.get("matched") or "error" in r for r in results) else 0
+
+
+def _write_json_atomically(path: str, payload: dict) -> None:
+    from .blocklist import atomic_path
+
+    with atomic_path(path) as temp:
+        temp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    """Build a blocklist from SOURCEs; writes it (and the report) atomically, or nothing at all."""
+    from .build import BuildError, build_blocklist
+    from .embedders import OpenCLIPEmbedder, open_clip_spec
+    from .sources import source_kind
+
+    precomputed_only = all(source_kind(source) == "embeddings" for source in args.sources)
+    if precomputed_only:  # LAION / clip-retrieval vectors: the spec is stated, no weights are loaded
+        embedder, spec = None, open_clip_spec(args.model, args.pretrained)
+    else:
+        embedder = OpenCLIPEmbedder(args.model, args.pretrained, device=args.device, batch_size=args.batch_size)
+        spec = None
+    try:
+        blocklist = build_blocklist(
+            args.sources,
+            embedder,
+            threshold=args.threshold,
+            dedupe=args.dedupe,
+            on_error=args.on_error,
+            spec=spec,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            download=args.download,
+            progress=args.progress if args.progress is not None else sys.stderr.isatty(),
+        )
+    except BuildError as error:
+        if args.report:
+            _write_json_atomically(args.report, {**error.report, "output": None, "error": str(error)})
+        raise
+    blocklist.save(args.output, dtype="float16" if args.float16 else "float32")
+    report = {**blocklist.build_report, "output": args.output}
+    if args.report:
+        _write_json_atomically(args.report, report)
+    print(
+        f"wrote {args.output}: {len(blocklist)} entries from {report['read']} items "
+        f"({report['embedded']} embedded, {report['precomputed']} precomputed, {report['skipped']} skipped, "
+        f"{report['deduplicated']} deduplicated) in {report['seconds']:.1f}s"
+    )
+    for reason, count in report["skipped_by_reason"].items():
+        print(f"  skipped {count}: {reason}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge blocklists built with the same embedder spec into one file."""
+    from .blocklist import Blocklist
+    from .build import merge_blocklists
+
+    merged = merge_blocklists([Blocklist.load(path) for path in args.blocklists], args.threshold, args.dedupe)
+    merged.save(args.output)
+    print(f"wrote {args.output}: {len(merged)} entries from {len(args.blocklists)} blocklists")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="guardrail", description="Stop diffusion models from returning copies of their training images."
+    )
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    build = verbs.add_parser("build", help="build a blocklist from image folders, manifests, shards or embeddings")
+    build.add_argument("sources", nargs="+", metavar="SOURCE",
+                       help="folder of images, .csv/.jsonl/.parquet manifest, webdataset .tar (brace patterns too), "
+                       "or clip-retrieval embedding folder")
+    build.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
+    build.add_argument("--model", required=True, help="open_clip model name, e.g. ViT-L-14-quickgelu")
+    build.add_argument("--pretrained", required=True, help="open_clip pretrained tag (e.g. openai) or weights file")
+    build.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                       help=f"match threshold stored in the blocklist (default {DEFAULT_THRESHOLD})")
+    build.add_argument("--dedupe", type=float, metavar="SIM", help="collapse entries at or above this cosine")
+    build.add_argument("--batch-size", type=int, default=32)
+    build.add_argument("--workers", type=int, default=4, help="threads that read and decode images (default 4)")
+    build.add_argument("--device", default="cpu")
+    build.add_argument("--download", action="store_true", help="fetch URL entries of manifests")
+    build.add_argument("--on-error", choices=("skip", "raise"), default="skip")
+    build.add_argument("--float16", action="store_true", help="store vectors as float16 (half the size)")
+    build.add_argument("--report", metavar="REPORT.json", help="write the build report (counts, skips) here")
+    build.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress bar on stderr (default: when stderr is a terminal)")
+    build.set_defaults(run=cmd_build)
+
+    merge = verbs.add_parser("merge", help="merge blocklists built with the same embedder")
+    merge.add_argument("blocklists", nargs="+", metavar="BLOCKLIST")
+    merge.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
+    merge.add_argument("--threshold", type=float, help="threshold of the result (default: the first input's)")
+    merge.add_argument("--dedupe", type=float, metavar="SIM", help="collapse entries at or above this cosine")
+    merge.set_defaults(run=cmd_merge)
+
+    info = verbs.add_parser("info", help="verify a blocklist and print what it holds")
+    info.add_argument("blocklist", metavar="FILE")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(run=cmd_info)
+
+    check = verbs.add_parser("check", help="check image files against a blocklist (exit 1 when any matches)")
+    check.add_argument("-b", "--blocklist", required=True, metavar="FILE")
+    check.add_argument("images", nargs="+", metavar="IMAGE")
+    check.add_argument("--threshold", type=float, help="override the blocklist's threshold")
+    check.add_argument("--json", action="store_true", help="print one JSON object per image")
+    _add_embedder_arguments(check)
+    check.set_defaults(run=cmd_check)
+    return parser
+
+
+def _interrupt_on_sigterm() -> None:
+    """Make `kill` behave like Ctrl-C, so atomic writes clean up their temp files."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `guardrail` command; returns the exit code (argparse exits 2 itself on usage errors)."""
+    args = build_parser().parse_args(argv)
+    _interrupt_on_sigterm()
+    try:
+        return args.run(args)
+    except GuardrailError as error:
+        print(f"guardrail {args.verb}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"guardrail {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
