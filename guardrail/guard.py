@@ -1,12 +1,17 @@
 """Embed -> search -> a `Verdict` per image. The one object serving code calls.
 
-`Guard` refuses an embedder whose spec differs from the blocklist's (vectors of two models must never be compared)
-and keeps its blocklist and index in one immutable snapshot, so concurrent `check` calls need no lock.
+`Guard` refuses an embedder whose spec differs from the blocklist's (vectors of two models must never be compared).
+Its blocklist, index, threshold and disabled entries live in one immutable snapshot: `check` reads it once, and
+`swap_blocklist` / `disable` replace it in a single assignment, so a request never sees a half-built index and
+concurrent `check` calls need no lock. Match counts per entry are kept to spot entries that flood matches.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -19,8 +24,10 @@ from .errors import EmbedderMismatchError, UsageError
 from .images import ImageInput
 from .index import BlocklistIndex
 
+logger = logging.getLogger(__name__)
+
 NO_MATCH_SCORE = -1.0
-"""`Verdict.score` when the blocklist is empty: the lowest possible cosine."""
+"""`Verdict.score` when no (enabled) entry exists: the lowest possible cosine."""
 
 
 @dataclass(frozen=True)
@@ -29,8 +36,8 @@ class Verdict:
 
     Attributes:
         matched: whether the best cosine similarity reached the threshold.
-        score: the best cosine similarity against the blocklist (`NO_MATCH_SCORE` when it is empty).
-        entry_id: id of the nearest entry, or None when the blocklist is empty.
+        score: the best cosine similarity against the enabled entries (`NO_MATCH_SCORE` when there are none).
+        entry_id: id of the nearest enabled entry, or None.
         entry: that entry's record (id, caption, source, sha256, duplicates, ...), or None.
     """
 
@@ -47,6 +54,7 @@ class _Snapshot(NamedTuple):
     blocklist: Blocklist
     index: BlocklistIndex
     threshold: float
+    disabled_rows: frozenset
 
 
 class Guard:
@@ -59,6 +67,11 @@ class Guard:
             Must have the same spec as the embedder that built the blocklist.
         threshold (`float`, *optional*):
             Overrides the blocklist's own threshold.
+        flood_fraction (`float`, *optional*):
+            Report (log a warning, and list in `flooding()`) an entry that matches more than this fraction of the
+            last `flood_window` checked images: a broad template can otherwise block a whole category.
+        flood_window (`int`, *optional*, defaults to 1000):
+            How many recent images the flood fraction is measured over.
 
     Raises:
         EmbedderMismatchError: the embedder's spec differs from the blocklist's.
@@ -69,23 +82,40 @@ class Guard:
         blocklist: Blocklist | str | os.PathLike,
         embedder: Embedder,
         threshold: float | None = None,
+        flood_fraction: float | None = None,
+        flood_window: int = 1000,
     ) -> None:
-        if not isinstance(blocklist, Blocklist):
-            blocklist = Blocklist.load(blocklist)
         if not isinstance(embedder, Embedder):
             raise UsageError(f"embedder must provide spec, dim and embed(); got {type(embedder).__name__}")
-        differences = spec_differences(blocklist.spec, embedder.spec)
+        if flood_fraction is not None and not 0.0 < flood_fraction <= 1.0:
+            raise UsageError(f"flood_fraction must be in (0, 1], got {flood_fraction}")
+        if flood_window < 1:
+            raise UsageError(f"flood_window must be >= 1, got {flood_window}")
+        self.embedder = embedder
+        self.flood_fraction = flood_fraction
+        self._lock = threading.Lock()  # guards writers and the match statistics, never a search
+        self._recent: deque = deque(maxlen=flood_window)
+        self._match_counts: Counter = Counter()
+        self._flooding: set[str] = set()
+        self._snapshot = self._make_snapshot(blocklist, threshold, disabled_ids=())
+
+    def _make_snapshot(self, blocklist: Blocklist | str | os.PathLike, threshold: float | None,
+                       disabled_ids: Sequence[str]) -> _Snapshot:
+        if not isinstance(blocklist, Blocklist):
+            blocklist = Blocklist.load(blocklist)
+        differences = spec_differences(blocklist.spec, self.embedder.spec)
         if differences:
             raise EmbedderMismatchError(
                 "the embedder does not match the one that built the blocklist ("
                 + "; ".join(differences)
                 + "). Use the blocklist's model and weights, or rebuild the blocklist with this embedder"
             )
-        self.embedder = embedder
-        self._snapshot = _Snapshot(
+        rows = {entry["id"]: row for row, entry in enumerate(blocklist.entries)}
+        return _Snapshot(
             blocklist,
             BlocklistIndex.from_blocklist(blocklist),
             blocklist.threshold if threshold is None else _check_threshold(threshold),
+            frozenset(rows[entry_id] for entry_id in disabled_ids if entry_id in rows),
         )
 
     @property
@@ -99,6 +129,61 @@ class Guard:
     def __repr__(self) -> str:
         return f"Guard({self.blocklist!r}, {self.embedder!r}, threshold={self.threshold})"
 
+    # ---- operator controls ------------------------------------------------------------------------------------
+
+    def swap_blocklist(self, blocklist: Blocklist | str | os.PathLike, threshold: float | None = None) -> None:
+        """Replace the blocklist (and its index) atomically while requests are in flight.
+
+        The new index is built before the switch; checks already running finish on the old one. The new blocklist's
+        spec is verified like the first one's. Disabled entry ids stay disabled if they exist in the new blocklist.
+        """
+        with self._lock:
+            disabled = self.disabled
+            self._snapshot = self._make_snapshot(blocklist, threshold, disabled)
+
+    @property
+    def disabled(self) -> frozenset[str]:
+        """Ids of entries switched off with `disable`."""
+        snapshot = self._snapshot
+        return frozenset(snapshot.blocklist.entries[row]["id"] for row in snapshot.disabled_rows)
+
+    def disable(self, *entry_ids: str) -> None:
+        """Switch entries off without rebuilding: they never match until `enable`d. Unknown ids are an error."""
+        self._set_disabled(entry_ids, disable=True)
+
+    def enable(self, *entry_ids: str) -> None:
+        """Switch entries back on."""
+        self._set_disabled(entry_ids, disable=False)
+
+    def _set_disabled(self, entry_ids: Sequence[str], disable: bool) -> None:
+        with self._lock:
+            snapshot = self._snapshot
+            rows = {entry["id"]: row for row, entry in enumerate(snapshot.blocklist.entries)}
+            unknown = [entry_id for entry_id in entry_ids if entry_id not in rows]
+            if unknown:
+                raise UsageError(f"no blocklist entries with ids {unknown}")
+            changed = {rows[entry_id] for entry_id in entry_ids}
+            disabled = snapshot.disabled_rows | changed if disable else snapshot.disabled_rows - changed
+            self._snapshot = snapshot._replace(disabled_rows=frozenset(disabled))
+
+    def match_counts(self) -> dict[str, int]:
+        """How many checked images matched each entry since the guard was made."""
+        with self._lock:
+            return dict(self._match_counts)
+
+    def flooding(self) -> list[str]:
+        """Entries that matched more than `flood_fraction` of the last `flood_window` images (needs the option)."""
+        if self.flood_fraction is None:
+            return []
+        with self._lock:
+            return self._flooding_now()
+
+    def _flooding_now(self) -> list[str]:
+        counts = Counter(entry_id for entry_id in self._recent if entry_id is not None)
+        return sorted(entry_id for entry_id, count in counts.items() if count > self.flood_fraction * len(self._recent))
+
+    # ---- checking ---------------------------------------------------------------------------------------------
+
     def check(self, images: ImageInput | Sequence[ImageInput]) -> list[Verdict]:
         """One `Verdict` per image, in order.
 
@@ -109,13 +194,33 @@ class Guard:
 
     def check_embeddings(self, vectors: np.ndarray) -> list[Verdict]:
         """Verdicts for vectors already made by this guard's embedder (unit-norm float32 `(n, dim)`)."""
-        snapshot = self._snapshot  # read once: the verdicts all come from one blocklist
-        scores, ids = snapshot.index.search(vectors, k=1)
+        snapshot = self._snapshot  # read once: all verdicts of a call come from one blocklist
+        disabled = snapshot.disabled_rows
+        scores, ids = snapshot.index.search(vectors, k=1 + len(disabled))
         verdicts = []
-        for score, row in zip(scores[:, 0].tolist(), ids[:, 0].tolist()):
-            if row < 0:
+        for row_scores, row_ids in zip(scores.tolist(), ids.tolist()):
+            hit = next(((s, i) for s, i in zip(row_scores, row_ids) if i >= 0 and i not in disabled), None)
+            if hit is None:
                 verdicts.append(Verdict(False, NO_MATCH_SCORE, None, None))
                 continue
+            score, row = hit
             entry = snapshot.blocklist.entries[row]
             verdicts.append(Verdict(bool(score >= snapshot.threshold), float(score), entry["id"], entry))
+        self._record(verdicts)
         return verdicts
+
+    def _record(self, verdicts: list[Verdict]) -> None:
+        matched_ids = [verdict.entry_id if verdict.matched else None for verdict in verdicts]
+        with self._lock:
+            self._match_counts.update(entry_id for entry_id in matched_ids if entry_id is not None)
+            if self.flood_fraction is None:
+                return
+            self._recent.extend(matched_ids)
+            flooding = set(self._flooding_now())
+            for entry_id in flooding - self._flooding:  # warn once, when an entry starts flooding
+                logger.warning(
+                    "guardrail: blocklist entry %r matched more than %.0f%% of the last %d images; it may be too "
+                    "broad (Guard.disable(%r) switches it off)",
+                    entry_id, 100 * self.flood_fraction, len(self._recent), entry_id,
+                )
+            self._flooding = flooding

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -66,3 +68,114 @@ def test_concurrent_checks_give_the_sequential_results(guard, unguarded):
 def test_the_embedder_must_be_an_embedder(memorized_blocklist):
     with pytest.raises(UsageError, match="embedder"):
         Guard(memorized_blocklist, object())
+
+
+class PixelEmbedder:
+    """A cheap deterministic stand-in embedder (mean colour of 4x4 cells) for high-volume concurrency tests."""
+
+    spec = {"family": "test-pixels", "dim": 48}
+    dim = 48
+
+    def embed(self, images):
+        from guardrail.embedders import l2_normalize
+        from guardrail.images import to_pil_images
+
+        cells = [np.asarray(image.resize((4, 4)), dtype=np.float32).reshape(-1) + 1.0 for image in to_pil_images(images)]
+        return l2_normalize(np.stack(cells))
+
+
+def colour_images(count, seed):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def summary(verdicts):
+    return [(v.matched, v.entry_id, round(v.score, 5)) for v in verdicts]
+
+
+def test_sixteen_threads_times_two_hundred_calls_give_the_sequential_results():
+    embedder = PixelEmbedder()
+    pool_images = colour_images(40, seed=1)
+    guard = Guard(Blocklist(embedder.embed(pool_images[:10]), spec=embedder.spec, threshold=0.999), embedder)
+    rng = np.random.default_rng(2)
+    calls = [[pool_images[i] for i in rng.integers(0, 40, size=rng.integers(1, 6))] for _ in range(16 * 200)]
+    sequential = [summary(guard.check(batch)) for batch in calls]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        concurrent = list(pool.map(lambda batch: summary(guard.check(batch)), calls))
+    assert concurrent == sequential
+    assert any(matched for result in sequential for matched, _, _ in result)
+
+
+def test_swapping_blocklists_under_load_never_mixes_or_fails():
+    embedder = PixelEmbedder()
+    images = colour_images(20, seed=3)
+    first = Blocklist(embedder.embed(images[:10]), [{"id": f"a{i}"} for i in range(10)], spec=embedder.spec,
+                      threshold=0.999)
+    second = Blocklist(embedder.embed(images[10:]), [{"id": f"b{i}"} for i in range(10)], spec=embedder.spec,
+                       threshold=0.999)
+    guard = Guard(first, embedder)
+    expected = {"a": summary(Guard(first, embedder).check(images)), "b": summary(Guard(second, embedder).check(images))}
+    stop = threading.Event()
+    results, errors = [], []
+
+    def client():
+        while not stop.is_set():
+            try:
+                results.append(summary(guard.check(images)))
+            except Exception as error:  # noqa: BLE001 - the test counts every failure
+                errors.append(error)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for swap in range(40):
+        guard.swap_blocklist(second if swap % 2 == 0 else first)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert results and all(result in (expected["a"], expected["b"]) for result in results)
+
+
+def test_a_swap_still_verifies_the_embedder_spec(guard, other_embedder, unguarded):
+    foreign = Blocklist.from_images([unguarded[0]], other_embedder)
+    with pytest.raises(EmbedderMismatchError):
+        guard.swap_blocklist(foreign)
+    assert guard.blocklist.entries[0]["id"] == "seed-1", "a refused swap keeps the old blocklist"
+
+
+def test_a_disabled_entry_never_matches_until_enabled(memorized_blocklist, embedder, unguarded):
+    guard = Guard(memorized_blocklist, embedder)
+    guard.disable("seed-1")
+    assert guard.disabled == {"seed-1"}
+    assert not guard.check([unguarded[1]])[0].matched
+    guard.enable("seed-1")
+    assert guard.check([unguarded[1]])[0].matched
+    with pytest.raises(UsageError, match="no blocklist entries"):
+        guard.disable("nope")
+
+
+def test_disabling_falls_back_to_the_next_nearest_entry():
+    embedder = PixelEmbedder()
+    images = colour_images(3, seed=4)
+    blocklist = Blocklist(embedder.embed(images), [{"id": "x"}, {"id": "y"}, {"id": "z"}], spec=embedder.spec,
+                          threshold=0.999)
+    guard = Guard(blocklist, embedder)
+    guard.disable("x")
+    verdict = guard.check([images[0]])[0]
+    assert verdict.entry_id in ("y", "z") and not verdict.matched
+
+
+def test_match_counts_and_flooding_entries_are_reported(caplog):
+    embedder = PixelEmbedder()
+    images = colour_images(10, seed=5)
+    guard = Guard(Blocklist(embedder.embed(images[:2]), [{"id": "broad"}, {"id": "rare"}], spec=embedder.spec,
+                            threshold=0.999), embedder, flood_fraction=0.3, flood_window=20)
+    with caplog.at_level(logging.WARNING, logger="guardrail"):
+        guard.check([images[0]] * 4 + images[2:8])
+        guard.check([images[1]])
+    assert guard.match_counts() == {"broad": 4, "rare": 1}
+    assert guard.flooding() == ["broad"]
+    assert len([r for r in caplog.records if "broad" in r.getMessage()]) == 1, "warned once"
