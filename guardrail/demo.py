@@ -1,0 +1,459 @@
+"""`guardrail demo`: the guard on a model that really memorizes, end to end and offline.
+
+The shipped model (`guardrail.memorizing`) reproduces each of its 10 training photos from its class label. The demo
+blocklists half of those photos, samples class labels spread over all of them, and generates the same slots twice, with
+the same per-slot generators: once with the plain pipeline and once through `GuardedPipeline` (action `"resample"`).
+It then counts copies *independently of the embedder*, with the tiled distance of Carlini et al. 2023 ("Extracting
+Training Data from Diffusion Models"): an image is a near-copy of a photo when no tile of a 4x4 grid differs from it
+by more than 0.15 RMSE on [0, 1] pixels. It writes `report.json` and `grid.png`.
+
+The embedder is open_clip's own code path with a tiny bundled config (`guardrail-tiny-vit`) and seeded random
+weights shipped as a local `.safetensors` file: no pretrained CLIP can be downloaded offline. Random weights separate
+this model's pixel-exact copies from its other outputs; they are no copy detector for edited copies (a 2-pixel
+shift or a flip of a photo can score as low as 0.34 and 0.24). Pass `--model/--pretrained` to run the demo with a
+real one. The config is `guardrail/assets/open_clip/guardrail-tiny-vit.json` (32x32 input, 8x8 patches, width 128, 2 layers, average
+pooling, 128-d). Its weights file holds seeded random weights, written by
+`guardrail.offline.write_seeded_open_clip_weights(DEMO_EMBEDDER_WEIGHTS, "guardrail-tiny-vit", seed=0)` after
+`guardrail.embedders.register_bundled_configs()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .embedders import BUNDLED_CONFIGS
+from .errors import UsageError
+
+DEMO_EMBEDDER_MODEL = "guardrail-tiny-vit"
+DEMO_EMBEDDER_WEIGHTS = BUNDLED_CONFIGS / "guardrail-tiny-vit-seed0.safetensors"
+DEMO_THRESHOLD = 0.98
+"""Cosine threshold of the bundled embedder, calibrated on the shipped model: its near-copies of blocklisted photos
+scored 0.988-0.9995 (30 samples), its other samples at most 0.951 against the blocklist, and other bundled photos at
+most 0.975. The demo report repeats the copy and non-copy score ranges of each run."""
+
+NEAR_COPY_DISTANCE = 0.15
+"""Carlini et al.'s threshold on the tiled distance: at or below it, an image is a near-copy."""
+TILE_GRID = 4
+MAX_ATTEMPTS = 4
+_UPSCALE = 3
+
+
+def demo_embedder(model: str | None = None, pretrained: str | os.PathLike | None = None):  # -> OpenCLIPEmbedder
+    """The demo's embedder: the bundled tiny open_clip model by default, or `model` with `pretrained`."""
+    from .embedders import OpenCLIPEmbedder
+
+    if (model is None) != (pretrained is None):
+        raise UsageError("pass --model and --pretrained together (or neither, for the bundled tiny embedder)")
+    if model is None:
+        return OpenCLIPEmbedder(DEMO_EMBEDDER_MODEL, pretrained=DEMO_EMBEDDER_WEIGHTS, batch_size=64)
+    return OpenCLIPEmbedder(model, pretrained=pretrained)
+
+
+def tiled_distance(image: Any, photos: Any, grid: int = TILE_GRID) -> float | np.ndarray:
+    """Carlini et al.'s tiled distance: the largest per-tile RMSE over a `grid` x `grid` tiling, on [0, 1] pixels.
+
+    Args:
+        image (`np.ndarray` or `PIL.Image.Image`):
+            One HWC image: float in [0, 1], or uint8 / PIL (divided by 255).
+        photos (`np.ndarray`, `PIL.Image.Image` or a list of them):
+            One image of the same shape, or a batch `(M, H, W, C)` of them.
+        grid (`int`, *optional*, defaults to 4):
+            Tiles per side.
+
+    Returns:
+        A float for one photo, or an `(M,)` array for a batch. `<= 0.15` means near-copy.
+
+    Example:
+        >>> tiled_distance(photo, photo)
+        0.0
+    """
+    a = _as_unit_float(image)
+    b = _as_unit_float(photos)
+    single = b.ndim == a.ndim
+    if single:
+        b = b[None]
+    if a.ndim != 3 or b.shape[1:] != a.shape:
+        raise UsageError(f"tiled_distance needs HWC images of one shape; got {a.shape} and {b.shape[1:]}")
+    height, width = a.shape[:2]
+    if height < grid or width < grid:
+        raise UsageError(f"images of {height}x{width} pixels cannot be cut into a {grid}x{grid} grid")
+    edges_y = np.linspace(0, height, grid + 1).astype(int)
+    edges_x = np.linspace(0, width, grid + 1).astype(int)
+    squared = (b - a[None]) ** 2
+    worst = np.zeros(len(b), dtype=np.float64)
+    for y0, y1 in zip(edges_y[:-1], edges_y[1:]):
+        for x0, x1 in zip(edges_x[:-1], edges_x[1:]):
+            worst = np.maximum(worst, np.sqrt(squared[:, y0:y1, x0:x1].mean(axis=(1, 2, 3))))
+    return float(worst[0]) if single else worst
+
+
+def _as_unit_float(images: Any) -> np.ndarray:
+    if isinstance(images, (list, tuple)):
+        return np.stack([_as_unit_float(image) for image in images])
+    array = np.asarray(images)
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    return array.astype(np.float32)
+
+
+def spread_labels(samples: int, classes: int, seed: int) -> list[int]:
+    """`samples` labels that cover all `classes` as evenly as possible, in a seeded random order."""
+    labels = np.arange(samples) % classes
+    return [int(label) for label in np.random.default_rng(seed).permutation(labels)]
+
+
+def slot_seeds(samples: int, seed: int) -> list[int]:
+    """One generator seed per slot, derived from `seed`."""
+    return [int(value) for value in np.random.SeedSequence(seed).generate_state(samples, dtype=np.uint64) >> 1]
+
+
+def run_demo(
+    out_dir: str | os.PathLike,
+    samples: int = 64,
+    model: str | None = None,
+    pretrained: str | os.PathLike | None = None,
+    seed: int = 0,
+    steps: int = 25,
+    threshold: float | None = None,
+    threads: int | None = 1,
+    verbose: bool = True,
+) -> dict:
+    """Run the offline demo and write `out_dir/report.json` and `out_dir/grid.png`.
+
+    Args:
+        out_dir (`str` or `os.PathLike`):
+            Folder for the outputs (created if missing).
+        samples (`int`, *optional*, defaults to 64):
+            Images per run; their class labels are spread over all of the model's labels.
+        model (`str`, *optional*), pretrained (`str` or path, *optional*):
+            An open_clip model and its weights (tag or file) to use instead of the bundled tiny embedder.
+        seed (`int`, *optional*, defaults to 0):
+            Seeds the labels and the per-slot generators.
+        steps (`int`, *optional*, defaults to 25):
+            DDIM steps per image.
+        threshold (`float`, *optional*):
+            Cosine match threshold; defaults to `DEMO_THRESHOLD` for the bundled embedder, else the blocklist default.
+        threads (`int`, *optional*, defaults to 1):
+            torch CPU threads while the demo runs (restored after); `None` keeps torch's setting. One thread is the
+            default because on a small machine with another busy process, two threads ran this model 3x slower.
+        verbose (`bool`, *optional*, defaults to `True`):
+            Print the table.
+
+    Returns:
+        The report (also written as `report.json`).
+    """
+    started = time.perf_counter()
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise UsageError(f"samples must be an integer >= 1, got {samples!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"steps must be an integer >= 1, got {steps!r}")
+    if (model is None) != (pretrained is None):
+        raise UsageError("pass --model and --pretrained together (or neither, for the bundled tiny embedder)")
+
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise UsageError(f"threads must be an integer >= 1, got {threads!r}")
+
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(Path(out_dir), samples, model, pretrained, seed, steps, threshold, verbose, started)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(
+    out: Path,
+    samples: int,
+    model: str | None,
+    pretrained: str | os.PathLike | None,
+    seed: int,
+    steps: int,
+    threshold: float | None,
+    verbose: bool,
+    started: float,
+) -> dict:
+    import torch
+
+    from .blocklist import DEFAULT_THRESHOLD, Blocklist
+    from .guard import Guard
+    from .memorizing import MODEL_DIR, load_memorizing_pipeline, training_images
+    from .pipeline import GuardedPipeline
+
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    tick = time.perf_counter()
+    pipe = load_memorizing_pipeline()
+    train = training_images()
+    timings["load_model_s"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    embedder = demo_embedder(model, pretrained)
+    if threshold is None:
+        threshold = DEMO_THRESHOLD if model is None else DEFAULT_THRESHOLD
+    timings["load_embedder_s"] = time.perf_counter() - tick
+
+    # The "images we must not reproduce": every other training photo.
+    blocked_train = [(label, name, image) for label, name, image in train if label % 2 == 0]
+    blocked_labels = {label for label, _, _ in blocked_train}
+    tick = time.perf_counter()
+    blocklist = Blocklist.from_images(
+        [image for _, _, image in blocked_train],
+        embedder,
+        entries=[{"id": f"{label:02d}-{name}", "caption": name, "label": label} for label, name, _ in blocked_train],
+        threshold=threshold,
+    )
+    guard = Guard(blocklist, embedder)
+    timings["build_blocklist_s"] = time.perf_counter() - tick
+    blocked_photos = _as_unit_float([image for _, _, image in blocked_train])
+
+    labels = spread_labels(samples, len(train), seed)
+    seeds = slot_seeds(samples, seed)
+    call = {"class_labels": labels, "num_inference_steps": steps, "output_type": "np"}
+
+    tick = time.perf_counter()
+    unguarded = pipe(generator=[torch.Generator().manual_seed(s) for s in seeds], **call).images
+    timings["unguarded_s"] = time.perf_counter() - tick
+    first_verdicts = guard.check(unguarded)  # for the report only: what the guard says about each first image
+
+    guarded_pipe = GuardedPipeline(pipe, guard, action="resample", max_attempts=MAX_ATTEMPTS, on_exhausted="black")
+    tick = time.perf_counter()
+    output = guarded_pipe(generator=[torch.Generator().manual_seed(s) for s in seeds], **call)
+    timings["guarded_s"] = time.perf_counter() - tick
+    guarded, report = output.images, output.guardrail
+
+    slots = []
+    for slot in range(samples):
+        before = tiled_distance(unguarded[slot], blocked_photos)
+        after = tiled_distance(guarded[slot], blocked_photos)
+        first, final = first_verdicts[slot], report.verdicts[slot]
+        if report.attempts[slot] == 1 and not np.array_equal(guarded[slot], unguarded[slot]):
+            raise AssertionError(f"slot {slot}: the guarded first attempt differs from the unguarded image")
+        slots.append(
+            {
+                "slot": slot,
+                "label": labels[slot],
+                "name": train[labels[slot]][1],
+                "label_blocklisted": labels[slot] in blocked_labels,
+                "seed": seeds[slot],
+                "unguarded": {
+                    "near_copy_of_blocklisted": bool(before.min() <= NEAR_COPY_DISTANCE),
+                    "tiled_distance": float(before.min()),
+                    "nearest_blocklisted": blocked_train[int(before.argmin())][1],
+                    "score": first.score,
+                    "entry_id": first.entry_id,
+                    "matched": first.matched,
+                },
+                "guarded": {
+                    "near_copy_of_blocklisted": bool(after.min() <= NEAR_COPY_DISTANCE),
+                    "tiled_distance": float(after.min()),
+                    "score": final.score,
+                    "entry_id": final.entry_id,
+                    "matched": final.matched,
+                    "attempts": report.attempts[slot],
+                    "resampled": report.attempts[slot] > 1,
+                    "blocked": report.blocked[slot],
+                    "exhausted": report.exhausted[slot],
+                },
+            }
+        )
+
+    clean_first = [s for s in slots if not s["unguarded"]["near_copy_of_blocklisted"]]
+    copies_first = [s for s in slots if s["unguarded"]["near_copy_of_blocklisted"]]
+    result = {
+        "samples": samples,
+        "seed": seed,
+        "num_inference_steps": steps,
+        "torch_threads": torch.get_num_threads(),
+        "model": {
+            "pipeline": "guardrail.memorizing.ClassConditionalPipeline",
+            "checkpoint": os.path.relpath(MODEL_DIR, Path(__file__).resolve().parent.parent),
+            "classes": len(train),
+        },
+        "blocklist": {"count": len(blocklist), "ids": [entry["id"] for entry in blocklist.entries]},
+        "embedder": embedder.spec,
+        "threshold": guard.threshold,
+        "near_copy": {
+            "measure": "Carlini et al. 2023 tiled distance: max over a 4x4 grid of per-tile RMSE, [0, 1] pixels",
+            "max_distance": NEAR_COPY_DISTANCE,
+        },
+        "unguarded": {
+            "near_copies_of_blocklisted": len(copies_first),
+            "guard_would_match": sum(s["unguarded"]["matched"] for s in slots),
+            "seconds": round(timings["unguarded_s"], 3),
+        },
+        "guarded": {
+            "near_copies_of_blocklisted": sum(s["guarded"]["near_copy_of_blocklisted"] for s in slots),
+            "first_attempt_clean": len(clean_first),
+            "false_resamples": sum(s["guarded"]["resampled"] for s in clean_first),
+            "missed_first_attempt_copies": sum(not s["guarded"]["resampled"] for s in copies_first),
+            "resampled": sum(report.resampled),
+            "exhausted": sum(report.exhausted),
+            "blocked": sum(report.blocked),
+            "generations": sum(report.attempts),
+            "max_attempts": MAX_ATTEMPTS,
+            "seconds": round(timings["guarded_s"], 3),
+        },
+        "scores": {
+            "first_attempt_copies": _summary([s["unguarded"]["score"] for s in copies_first]),
+            "first_attempt_clean": _summary([s["unguarded"]["score"] for s in clean_first]),
+        },
+        "timings": {key: round(value, 3) for key, value in timings.items()},
+        "slots": slots,
+    }
+    result["timings"]["total_s"] = round(time.perf_counter() - started, 3)
+    (out / "report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_grid(out / "grid.png", unguarded, guarded, slots, [(name, image) for _, name, image in blocked_train])
+    if verbose:
+        print(format_table(result, out))
+    return result
+
+
+def _summary(values: Sequence[float]) -> dict | None:
+    if not values:
+        return None
+    return {"min": float(np.min(values)), "median": float(np.median(values)), "max": float(np.max(values))}
+
+
+def format_table(result: dict, out: Path) -> str:
+    """The demo's summary as printable text."""
+    n, unguarded, guarded = result["samples"], result["unguarded"], result["guarded"]
+    spec = result["embedder"]
+    source = spec.get("pretrained") or f"{spec.get('weights_file')} (sha256 {str(spec.get('weights_sha256'))[:12]})"
+    lines = [
+        f"guardrail demo: {n} samples of a diffusion model that memorized its {result['model']['classes']} training "
+        f"photos; {result['blocklist']['count']} of the photos are blocklisted.",
+        f"embedder: open_clip {spec['model']} / {source}, dim {spec['dim']}; match threshold: cosine >= "
+        f"{result['threshold']}",
+        "near-copy (measured independently of the embedder): Carlini et al.'s tiled distance <= "
+        f"{NEAR_COPY_DISTANCE} to a blocklisted photo",
+        "",
+        f"{'':38}{'unguarded':>12}{'guarded':>12}",
+        f"{'near-copies of blocklisted photos':38}{_of(unguarded['near_copies_of_blocklisted'], n):>12}"
+        f"{_of(guarded['near_copies_of_blocklisted'], n):>12}",
+        f"{'resampled slots':38}{'-':>12}{_of(guarded['resampled'], n):>12}",
+        f"{'exhausted slots (returned black)':38}{'-':>12}{_of(guarded['exhausted'], n):>12}",
+        f"{'false resamples (of first-attempt-clean)':38}{'-':>12}"
+        f"{_of(guarded['false_resamples'], guarded['first_attempt_clean']):>12}",
+        f"{'images generated':38}{n:>12}{guarded['generations']:>12}",
+        f"{'wall time':38}{unguarded['seconds']:>11.1f}s{guarded['seconds']:>11.1f}s",
+        "",
+    ]
+    if spec.get("pretrained") is None and spec["model"] == DEMO_EMBEDDER_MODEL:
+        lines.append(
+            "note: the bundled embedder has seeded random weights. It tells this model's exact copies apart; it is "
+            "not a copy detector for edited copies. Use a real model in production (--model/--pretrained)."
+        )
+    lines.append(f"wrote {out / 'report.json'} and {out / 'grid.png'} in {result['timings']['total_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def _of(count: int, total: int) -> str:
+    return f"{count}/{total}"
+
+
+def write_grid(
+    path: Path,
+    unguarded: np.ndarray,
+    guarded: np.ndarray,
+    slots: list[dict],
+    blocklisted: list[tuple[str, Any]],
+) -> Path:
+    """Blocklisted photos on top; unguarded and guarded samples side by side below, marked by a coloured border.
+
+    Red: a near-copy of a blocklisted photo (unguarded) or a slot returned black (guarded); orange: resampled.
+    """
+    from PIL import Image, ImageDraw
+
+    cell = 32 * _UPSCALE
+    pad = 6
+    columns = 8
+    rows = -(-len(slots) // columns)
+    panel_w = columns * (cell + pad) + pad
+    header = 22
+    top_rows = -(-len(blocklisted) // columns)
+    top_h = header + top_rows * (cell + pad + 14) + pad
+    width = 2 * panel_w + 3 * pad
+    height = top_h + header + rows * (cell + pad) + pad + header
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+
+    draw.text((pad, 4), "blocklisted training photos (the model must not return these)", fill=(0, 0, 0))
+    for i, (name, image) in enumerate(blocklisted):
+        x = pad + (i % columns) * (cell + pad)
+        y = header + (i // columns) * (cell + pad + 14)
+        canvas.paste(_upscaled(image, cell), (x, y))
+        draw.text((x, y + cell + 1), name[:14], fill=(0, 0, 0))
+
+    titles = ("unguarded (red: near-copy of a blocklisted photo)", "guarded (orange: resampled, red: black)")
+    for panel, (images, title) in enumerate(zip((unguarded, guarded), titles)):
+        x0 = pad + panel * (panel_w + pad)
+        draw.text((x0, top_h + 4), title, fill=(0, 0, 0))
+        for slot, info in enumerate(slots):
+            x = x0 + pad + (slot % columns) * (cell + pad)
+            y = top_h + header + (slot // columns) * (cell + pad)
+            if panel == 0:
+                colour = (220, 0, 0) if info["unguarded"]["near_copy_of_blocklisted"] else None
+            elif info["guarded"]["blocked"]:
+                colour = (220, 0, 0)
+            elif info["guarded"]["resampled"]:
+                colour = (255, 150, 0)
+            else:
+                colour = None
+            if colour is not None:
+                draw.rectangle((x - 3, y - 3, x + cell + 2, y + cell + 2), fill=colour)
+            canvas.paste(_upscaled(images[slot], cell), (x, y))
+    draw.text((pad, height - header + 4), "guardrail demo: report.json has the per-slot scores", fill=(90, 90, 90))
+    path = Path(path)
+    canvas.save(path)
+    return path
+
+
+def _upscaled(image: Any, size: int):
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        array = np.asarray(image)
+        if array.dtype != np.uint8:
+            array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+        image = Image.fromarray(array)
+    return image.convert("RGB").resize((size, size), Image.NEAREST)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the `guardrail demo` options to `parser`."""
+    parser.add_argument("--out", default="guardrail-demo", help="output folder (default: ./guardrail-demo)")
+    parser.add_argument("--samples", type=int, default=64, help="images per run (default: 64)")
+    parser.add_argument("--model", default=None, help="open_clip model name (default: the bundled tiny embedder)")
+    parser.add_argument("--pretrained", default=None, help="pretrained tag or weights file for --model")
+    parser.add_argument("--threshold", type=float, default=None, help="cosine match threshold")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the labels and generators (default: 0)")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default: 25)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `guardrail demo` from parsed arguments; returns the exit code (errors raise `GuardrailError`)."""
+    run_demo(
+        args.out,
+        samples=args.samples,
+        model=args.model,
+        pretrained=args.pretrained,
+        seed=args.seed,
+        steps=args.steps,
+        threshold=getattr(args, "threshold", None),
+        threads=getattr(args, "threads", 1),
+    )
+    return 0
