@@ -4,7 +4,7 @@ Baselines in the same run: `model.encode_image` on a preprocessed batch (the for
 own preprocess + encode_image (what any caller of the model pays). Seeded random weights: the cost of a forward
 pass does not depend on the weight values. Blocklists are synthetic unit vectors.
 
-    python benchmarks/guard_overhead.py --model ViT-S-32 --batch 8 --threads 2 --sizes 1000 100000
+    python benchmarks/guard_overhead.py --model ViT-S-32 --batch 8 --threads 2 --sizes 1000 100000 1000000
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--model", default="ViT-S-32")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=512, help="generated image side (SD 1.5: 512)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 100000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 100_000, 1_000_000])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
@@ -73,6 +73,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append((f"Guard.check, {size:,} entries", timed(lambda: guard.check(images), args.repeats)))
         queries = embedder.embed(images)
         rows.append((f"  of which search, {size:,} entries", timed(lambda: guard.check_embeddings(queries), args.repeats)))
+
+    # diffusers output_type="pt": NCHW float tensors. Through PIL (the CPU default) vs resized on tensors.
+    tensors = torch.stack([torch.from_numpy(np.asarray(image)).permute(2, 0, 1) for image in images]).float() / 255
+    guard = Guard(Blocklist(np.zeros((0, embedder.dim), np.float32), [], spec=embedder.spec), embedder)
+    rows.append(("Guard.check, NCHW tensor via PIL", timed(lambda: guard.check(tensors), args.repeats)))
+    embedder.tensor_preprocess = True
+    rows.append(("Guard.check, NCHW tensor, tensor resize", timed(lambda: guard.check(tensors), args.repeats)))
+    embedder.tensor_preprocess = "auto"
 
     bare = rows[0][1]
     print(f"\n{args.model}, batch {args.batch}, {args.image_size}x{args.image_size} PIL inputs, "

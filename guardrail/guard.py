@@ -57,6 +57,16 @@ class _Snapshot(NamedTuple):
     disabled_rows: frozenset
 
 
+def _default_index_device(embedder: Embedder) -> str:
+    device = str(getattr(embedder, "device", "cpu"))
+    if device.startswith("cuda"):
+        from .index import gpu_available
+
+        if gpu_available():
+            return device
+    return "cpu"
+
+
 class Guard:
     """Checks images against a blocklist.
 
@@ -72,6 +82,12 @@ class Guard:
             last `flood_window` checked images: a broad template can otherwise block a whole category.
         flood_window (`int`, *optional*, defaults to 1000):
             How many recent images the flood fraction is measured over.
+        index_kind (`str`, *optional*):
+            Force an index kind (`"flat"`, `"hnsw"`, `"ivf-sq8"`, `"ivf-pq"`); by default the one stored in the
+            blocklist file, else chosen by size (see `guardrail.index`).
+        index_device (`str`, *optional*):
+            Where to search: `"cpu"` or `"cuda"`. Defaults to the embedder's device when it is a GPU and faiss has
+            GPU support, else the CPU.
 
     Raises:
         EmbedderMismatchError: the embedder's spec differs from the blocklist's.
@@ -84,6 +100,8 @@ class Guard:
         threshold: float | None = None,
         flood_fraction: float | None = None,
         flood_window: int = 1000,
+        index_kind: str | None = None,
+        index_device: str | None = None,
     ) -> None:
         if not isinstance(embedder, Embedder):
             raise UsageError(f"embedder must provide spec, dim and embed(); got {type(embedder).__name__}")
@@ -92,6 +110,8 @@ class Guard:
         if flood_window < 1:
             raise UsageError(f"flood_window must be >= 1, got {flood_window}")
         self.embedder = embedder
+        self.index_kind = index_kind
+        self.index_device = index_device or _default_index_device(embedder)
         self.flood_fraction = flood_fraction
         self._lock = threading.Lock()  # guards writers and the match statistics, never a search
         self._recent: deque = deque(maxlen=flood_window)
@@ -113,7 +133,7 @@ class Guard:
         rows = {entry["id"]: row for row, entry in enumerate(blocklist.entries)}
         return _Snapshot(
             blocklist,
-            BlocklistIndex.from_blocklist(blocklist),
+            BlocklistIndex.from_blocklist(blocklist, kind=self.index_kind, device=self.index_device),
             blocklist.threshold if threshold is None else _check_threshold(threshold),
             frozenset(rows[entry_id] for entry_id in disabled_ids if entry_id in rows),
         )

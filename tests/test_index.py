@@ -47,3 +47,86 @@ def test_from_blocklist_indexes_its_embeddings():
 def test_wrong_query_dim_is_a_usage_error():
     with pytest.raises(UsageError, match="query vectors"):
         BlocklistIndex(unit(np.random.default_rng(3), 4, 16)).search(np.zeros((1, 8), np.float32))
+
+
+def planted(count=20_000, dim=64, queries=40, noise=0.15, seed=0):
+    """A base set and queries that are near-duplicates (cosine ~0.99) of known rows."""
+    rng = np.random.default_rng(seed)
+    base = unit(rng, count, dim)
+    targets = rng.choice(count, queries, replace=False)
+    noisy = base[targets] + noise * unit(rng, queries, dim) / np.sqrt(dim) * 4
+    return base, noisy / np.linalg.norm(noisy, axis=1, keepdims=True), targets
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf-sq8", "ivf-pq"])
+def test_every_index_kind_finds_planted_near_duplicates_with_exact_scores(kind):
+    base, queries, targets = planted()
+    index = BlocklistIndex(base, kind=kind)
+    scores, ids = index.search(queries, k=3)
+    assert index.kind == kind
+    np.testing.assert_array_equal(ids[:, 0], targets)
+    exact = np.einsum("qd,qkd->qk", queries, base[ids])
+    np.testing.assert_allclose(scores, exact, atol=1e-5), "approximate candidates are re-scored exactly"
+
+
+def test_auto_picks_exact_search_for_small_blocklists_and_compact_indexes_for_large_ones():
+    from guardrail.index import choose_kind
+
+    assert choose_kind(10_000, 512) == "flat"
+    assert choose_kind(1_000_000, 512) == "ivf-sq8"
+    assert choose_kind(100_000_000, 768) == "ivf-pq"
+    assert choose_kind(1_000_000, 512, max_memory=100 << 20) == "ivf-pq"
+    assert choose_kind(50_000, 512, max_memory=64 << 20) == "ivf-sq8"
+
+
+def test_a_stored_index_survives_the_blocklist_file_and_is_reused(tmp_path):
+    base, queries, targets = planted(count=5000)
+    blocklist = Blocklist(base, spec={"dim": 64}).attach_index(BlocklistIndex(base, kind="ivf-pq"))
+    loaded = Blocklist.load(blocklist.save(tmp_path / "bl.safetensors"))
+    assert loaded.index_kind == "ivf-pq" and loaded.faiss_index is not None
+    index = BlocklistIndex.from_blocklist(loaded)
+    assert index.kind == "ivf-pq"
+    np.testing.assert_array_equal(index.search(queries, k=1)[1][:, 0], targets)
+    assert BlocklistIndex.from_blocklist(loaded, kind="flat").kind == "flat", "an explicit kind rebuilds"
+
+
+def test_a_stored_index_of_other_vectors_is_refused():
+    from guardrail import GuardrailError
+
+    base = unit(np.random.default_rng(5), 100, 16)
+    with pytest.raises(GuardrailError, match="rebuild"):
+        BlocklistIndex(base[:50], serialized=BlocklistIndex(base).serialize())
+
+
+def test_the_stored_index_is_covered_by_the_checksum(tmp_path):
+    from guardrail import BlocklistError
+
+    base = unit(np.random.default_rng(6), 300, 16)
+    path = Blocklist(base, spec={"dim": 16}).attach_index(BlocklistIndex(base, kind="ivf-sq8")).save(tmp_path / "b.st")
+    data = bytearray(path.read_bytes())
+    header = int.from_bytes(data[:8], "little")
+    data[8 + header + 10] ^= 0xFF  # the first tensor in the data section is 'embeddings'... or 'entries'/'index'
+    path.write_bytes(bytes(data))
+    with pytest.raises(BlocklistError, match="checksum"):
+        Blocklist.load(path)
+
+
+def test_cuda_without_faiss_gpu_support_is_a_clear_error():
+    from guardrail import GuardrailError
+    from guardrail.index import gpu_available
+
+    if gpu_available():
+        pytest.skip("this faiss has GPU support")
+    with pytest.raises(GuardrailError, match="faiss with GPU support"):
+        BlocklistIndex(unit(np.random.default_rng(7), 10, 8), device="cuda")
+
+
+@pytest.mark.skipif("not __import__('guardrail.index').index.gpu_available()", reason="needs faiss-gpu and a GPU")
+def test_gpu_index_matches_the_cpu_index_under_concurrent_searches():
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, queries, targets = planted()
+    gpu = BlocklistIndex(base, kind="flat", device="cuda")
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda q: gpu.search(q[None], k=1)[1][0, 0], queries))
+    assert results == targets.tolist()
