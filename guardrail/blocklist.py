@@ -13,6 +13,7 @@ import json
 import math
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ DEFAULT_THRESHOLD = 0.95
 """Cosine at or above which an image is a match. Suits real CLIP weights; calibrate for your embedder."""
 
 _UNIT_NORM_TOLERANCE = 1e-2  # float16 storage rounds norms to about 1e-3
+_STORED_DTYPES = frozenset({"F16", "F32", "U8"})  # safetensors names of float16, float32, uint8
 _REQUIRED_METADATA = ("format", "format_version", "spec", "threshold", "count", "created", "content_sha256")
 
 
@@ -57,6 +59,8 @@ class Blocklist:
         spec: dict | None = None,
         threshold: float = DEFAULT_THRESHOLD,
         created: str | None = None,
+        faiss_index: np.ndarray | None = None,
+        index_kind: str | None = None,
     ) -> None:
         embeddings = np.asarray(embeddings)
         if embeddings.ndim != 2 or not np.issubdtype(embeddings.dtype, np.floating):
@@ -74,11 +78,15 @@ class Blocklist:
         self.entries = [_normalize_entry(entry, i) for i, entry in enumerate(entries)]
         ids = [entry["id"] for entry in self.entries]
         if len(set(ids)) != len(ids):
-            duplicate = next(i for i in ids if ids.count(i) > 1)
+            duplicate = next(i for i, count in Counter(ids).items() if count > 1)
             raise BlocklistError(f"entry ids must be unique; {duplicate!r} appears more than once")
         self.spec = dict(spec)
         self.threshold = _check_threshold(threshold)
         self.created = created or _now()
+        if (faiss_index is None) != (index_kind is None):
+            raise BlocklistError("faiss_index and index_kind come together: pass both or neither")
+        self.faiss_index = None if faiss_index is None else np.ascontiguousarray(faiss_index, dtype=np.uint8)
+        self.index_kind = index_kind
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -116,6 +124,13 @@ class Blocklist:
         records = [{"sha256": digest, **entry} for entry, digest in zip(entries, hashes)]
         return cls(vectors, records, spec=embedder.spec, threshold=threshold)
 
+    def attach_index(self, index: "BlocklistIndex") -> "Blocklist":  # noqa: F821
+        """Store `index` (a `BlocklistIndex` of these vectors) in this blocklist, so loading it needs no training."""
+        if len(index) != len(self) or index.dim != self.dim:
+            raise UsageError(f"the index holds {len(index)} vectors of dim {index.dim}; this blocklist {len(self)} of {self.dim}")
+        self.faiss_index, self.index_kind = index.serialize(), index.kind
+        return self
+
     def with_threshold(self, threshold: float) -> "Blocklist":
         """A copy with another threshold (the vectors and records are shared, not copied)."""
         copy = Blocklist.__new__(Blocklist)
@@ -133,6 +148,8 @@ class Blocklist:
             "embeddings": self.embeddings.astype(dtype),
             "entries": np.frombuffer(lines.encode("utf-8"), dtype=np.uint8).copy(),
         }
+        if self.faiss_index is not None:
+            tensors["index"] = self.faiss_index
         metadata = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -141,6 +158,8 @@ class Blocklist:
             "count": str(len(self)),
             "created": self.created,
         }
+        if self.index_kind is not None:
+            metadata["index_kind"] = self.index_kind
         metadata["content_sha256"] = content_sha256(tensors, metadata)
         return tensors, metadata
 
@@ -180,8 +199,15 @@ class Blocklist:
         missing = [key for key in _REQUIRED_METADATA if key not in metadata]
         if missing:
             raise BlocklistError(f"{where} lacks metadata {missing}")
-        if set(tensors) != {"embeddings", "entries"}:
-            raise BlocklistError(f"{where} must hold tensors 'embeddings' and 'entries', found {sorted(tensors)}")
+        if not {"embeddings", "entries"} <= set(tensors) <= {"embeddings", "entries", "index"}:
+            raise BlocklistError(
+                f"{where} must hold tensors 'embeddings' and 'entries' (and optionally 'index'), found {sorted(tensors)}"
+            )
+        stored_index = tensors.get("index")
+        if stored_index is not None and (stored_index.dtype != np.uint8 or stored_index.ndim != 1):
+            raise BlocklistError(f"{where}: index must be a 1-D uint8 tensor, got {stored_index.dtype} {stored_index.shape}")
+        if (stored_index is None) != ("index_kind" not in metadata):
+            raise BlocklistError(f"{where}: the 'index' tensor and the 'index_kind' metadata come together")
         embeddings, entries_bytes = tensors["embeddings"], tensors["entries"]
         if embeddings.dtype not in (np.float16, np.float32) or embeddings.ndim != 2:
             raise BlocklistError(f"{where}: embeddings must be float16/float32 (N, dim), got {embeddings.dtype} {embeddings.shape}")
@@ -197,8 +223,11 @@ class Blocklist:
             spec = json.loads(metadata["spec"])
             threshold = float(metadata["threshold"])
             count = int(metadata["count"])
-            entries = [json.loads(line) for line in entries_bytes.tobytes().decode("utf-8").splitlines()]
-        except (ValueError, UnicodeDecodeError) as error:
+            # Split on "\n" only: str.splitlines() also splits on U+2028, U+0085 etc., which json.dumps leaves
+            # unescaped inside captions, so one record would become two broken lines.
+            text = entries_bytes.tobytes().decode("utf-8")
+            entries = [json.loads(line) for line in text.removesuffix("\n").split("\n")] if text else []
+        except (ValueError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: absurdly nested JSON
             raise BlocklistError(f"{where} has unreadable metadata or entries: {error}") from error
         if not isinstance(spec, dict) or not all(isinstance(entry, dict) for entry in entries):
             raise BlocklistError(f"{where}: spec and every entry must be JSON objects")
@@ -209,7 +238,8 @@ class Blocklist:
         if spec.get("dim") != embeddings.shape[1]:
             raise BlocklistError(f"{where}: spec dim {spec.get('dim')} != embeddings dim {embeddings.shape[1]}")
         try:
-            return cls(embeddings, entries, spec=spec, threshold=threshold, created=metadata["created"])
+            return cls(embeddings, entries, spec=spec, threshold=threshold, created=metadata["created"],
+                       faiss_index=stored_index, index_kind=metadata.get("index_kind"))
         except (BlocklistError, UsageError) as error:
             raise BlocklistError(f"{where}: {error}") from error
 
@@ -262,8 +292,15 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
             metadata = handle.metadata() or {}
             if metadata.get("format") != FORMAT:  # don't read tensors of files that are not ours
                 return {}, metadata
+            for name in handle.keys():  # safetensors' numpy reader crashes on dtypes numpy lacks (F8_*)
+                dtype = handle.get_slice(name).get_dtype()
+                if dtype not in _STORED_DTYPES:
+                    raise BlocklistError(
+                        f"{os.fspath(path)!r}: tensor {name!r} has dtype {dtype}; a blocklist holds float16/float32 "
+                        "embeddings and uint8 entries"
+                    )
             return {name: handle.get_tensor(name) for name in handle.keys()}, metadata
-    except (SafetensorError, OSError, ValueError, TypeError) as error:
+    except (SafetensorError, OSError, ValueError, TypeError, AttributeError) as error:
         raise BlocklistError(f"{os.fspath(path)!r} is not a readable safetensors file: {error}") from error
 
 

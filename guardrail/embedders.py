@@ -17,6 +17,9 @@ import numpy as np
 from .errors import EmbedderMismatchError, GuardrailError, UsageError
 from .images import ImageInput, to_pil_images
 
+BUNDLED_CONFIGS = Path(__file__).resolve().parent / "assets" / "open_clip"
+"""open_clip model configs that ship with guardrail (the demo's `guardrail-tiny-vit`)."""
+
 # Keys of a spec that do not change the vectors, so two specs that differ only there still match.
 _NON_IDENTITY_KEYS = frozenset({"weights_file", "precision", "device", "batch_size", "open_clip_version"})
 
@@ -72,6 +75,15 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors / norms
 
 
+def register_bundled_configs() -> None:
+    """Make open_clip know guardrail's bundled model configs, so specs that name them can be rebuilt; idempotent."""
+    import open_clip
+
+    known = set(open_clip.list_models())
+    if any(path.stem not in known for path in BUNDLED_CONFIGS.glob("*.json")):
+        open_clip.add_model_config(BUNDLED_CONFIGS)
+
+
 def quick_gelu_required(model: str, pretrained_tag: str | None) -> bool:
     """Whether `model` must run with QuickGELU: its config says so, or its pretrained tag was trained with it.
 
@@ -100,6 +112,11 @@ class OpenCLIPEmbedder:
             Images per forward pass.
         precision (`str`, *optional*, defaults to `"fp32"`):
             open_clip precision (`"fp32"`, `"fp16"`, `"bf16"`).
+        tensor_preprocess (`bool` or `"auto"`, *optional*, defaults to `"auto"`):
+            Resize and normalize torch-tensor inputs (diffusers' `output_type="pt"`) on their own device instead of
+            converting them to PIL images first. `"auto"` does so for tensors already on a GPU; CPU inputs then go
+            through PIL, which gives the same vectors for `pil`, `np` and `pt` outputs to 1e-6. The tensor path
+            skips the 8-bit rounding and PIL's resampler: cosine to the PIL path stays above 0.999 (see tests).
 
     Tags trained with QuickGELU (all `openai` weights) are loaded with QuickGELU even when the model name lacks the
     `-quickgelu` suffix; open_clip would otherwise only warn and silently produce degraded vectors.
@@ -112,6 +129,7 @@ class OpenCLIPEmbedder:
         device: str = "cpu",
         batch_size: int = 32,
         precision: str = "fp32",
+        tensor_preprocess: bool | str = "auto",
     ) -> None:
         import open_clip
         import torch
@@ -134,11 +152,14 @@ class OpenCLIPEmbedder:
             raise GuardrailError(f"open_clip could not load {model!r} with pretrained={pretrained!r}: {error}") from error
         clip_model.eval()
         self._model = clip_model
-        self.transform = preprocess  # one PIL image -> CHW tensor (open_clip's eval transform)
+        # One PIL image -> CHW tensor: open_clip's eval transform, bounded against absurd aspect ratios.
+        resize_mode = clip_model.visual.preprocess_cfg["resize_mode"]
+        self.transform = _bounded_aspect(preprocess) if resize_mode == "shortest" else preprocess
         self._torch = torch
         self._device = torch.device(device)
         self._dtype = next(clip_model.parameters()).dtype
         self.batch_size = batch_size
+        self.tensor_preprocess = tensor_preprocess
         self.dim = self._output_dim()
 
         # Static fields (model, weights identity, QuickGELU) from the configs; preprocessing and dim from the model
@@ -154,6 +175,10 @@ class OpenCLIPEmbedder:
             "dim": self.dim,
             "precision": precision,
         }
+
+    @property
+    def device(self) -> str:
+        return str(self._device)
 
     def _output_dim(self) -> int:
         size = self._model.visual.preprocess_cfg["size"]
@@ -178,7 +203,50 @@ class OpenCLIPEmbedder:
 
     def embed(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """Returns float32 `(N, dim)` unit vectors. Raises `ImageDecodeError` for empty or invalid input."""
+        if self._use_tensor_path(images):
+            return self.encode(self.preprocess_tensor(images))
         return self.encode(self.preprocess(images))
+
+    def _use_tensor_path(self, images: Any) -> bool:
+        if not (self.tensor_preprocess and hasattr(images, "is_cuda") and getattr(images, "ndim", 0) in (3, 4)):
+            return False
+        if self.spec["resize_mode"] not in ("shortest", "squash"):
+            return False
+        return self.tensor_preprocess is True or bool(images.is_cuda)
+
+    def preprocess_tensor(self, images: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+        """NCHW (or CHW) float images in [0, 1] -> the model's input, on the images' own device, without PIL.
+
+        Mirrors open_clip's eval transform: resize (shortest side, or squash) with antialiased bicubic, center
+        crop, normalize.
+        """
+        torch = self._torch
+        from .errors import ImageDecodeError
+
+        pixels = images[None] if images.ndim == 3 else images
+        if pixels.shape[0] == 0:
+            raise ImageDecodeError("images is empty; pass at least one image")
+        if pixels.shape[1] not in (1, 3):
+            raise ImageDecodeError(f"images tensor has shape {tuple(images.shape)}; expected NCHW with 1 or 3 channels")
+        pixels = pixels.float()
+        if not torch.isfinite(pixels).all():
+            raise ImageDecodeError("images contains NaN or infinite values")
+        pixels = pixels.clamp(0, 1).expand(-1, 3, -1, -1)
+        height, width = self.spec["image_size"]
+        in_height, in_width = pixels.shape[-2:]
+        if self.spec["resize_mode"] == "squash":
+            size = (height, width)
+        else:  # torchvision's Resize(int): the short side to the target, the long side scaled and truncated
+            short, long = sorted((in_height, in_width))
+            target = min(height, width)
+            scaled = int(target * long / short)
+            size = (target, scaled) if in_height <= in_width else (scaled, target)
+        pixels = torch.nn.functional.interpolate(pixels, size=size, mode="bicubic", antialias=True, align_corners=False)
+        top, left = (size[0] - height) // 2, (size[1] - width) // 2
+        pixels = pixels[:, :, top : top + height, left : left + width].clamp(0, 1)
+        mean = torch.tensor(self.spec["mean"], device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.spec["std"], device=pixels.device).view(1, 3, 1, 1)
+        return (pixels - mean) / std
 
     def __repr__(self) -> str:
         source = self.spec.get("pretrained") or self.spec.get("weights_file")
@@ -193,6 +261,7 @@ def open_clip_spec(model: str, pretrained: str | os.PathLike) -> dict:
     import open_clip
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
+    register_bundled_configs()
     config = open_clip.get_model_config(model)
     if config is None:
         raise UsageError(f"unknown open_clip model {model!r}; see open_clip.list_models()")
@@ -226,6 +295,29 @@ def open_clip_spec(model: str, pretrained: str | os.PathLike) -> dict:
         spec["weights_file"] = os.path.basename(pretrained)
         spec["weights_sha256"] = file_sha256(pretrained)
     return spec
+
+
+_MAX_ASPECT = 16  # far beyond any generated image
+
+
+def _bounded_aspect(transform):
+    """Center-crop strips past 16:1 before `transform`, which keeps only the center square anyway.
+
+    Without it a 1x100000 strip would first be resized to 224 x 22,400,000 pixels (about 15 GB).
+    """
+
+    def bounded(image):
+        short, long = min(image.size), max(image.size)
+        if long > _MAX_ASPECT * short:
+            keep = _MAX_ASPECT * short + (long - _MAX_ASPECT * short) % 2  # same parity: the center stays put
+            offset = (long - keep) // 2
+            if image.width > image.height:
+                image = image.crop((offset, 0, offset + keep, image.height))
+            else:
+                image = image.crop((0, offset, image.width, offset + keep))
+        return transform(image)
+
+    return bounded
 
 
 def embedder_from_spec(

@@ -21,6 +21,7 @@ ImageInput = Union[Image.Image, np.ndarray, "torch.Tensor", str, os.PathLike]  #
 """One image (PIL, HWC array, CHW tensor, file path) or a batch (list of those, NHWC array, NCHW tensor)."""
 
 _CHANNELS = (1, 3, 4)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def load_image(path: str | os.PathLike | BinaryIO, name: str | None = None) -> Image.Image:
@@ -49,6 +50,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         raise ImageDecodeError(f"image has zero size {image.size}")
     if image.mode == "RGB":
         return image.copy()
+    if image.mode == "La":  # premultiplied alpha; PIL converts it to nothing but "LA"
+        image = image.convert("LA")
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         # Composite on white, as browsers show transparent images, instead of PIL's black.
         rgba = image.convert("RGBA")
@@ -58,7 +61,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         array = np.asarray(image, dtype=np.float64)
         scale = 65535.0 if array.max(initial=0) > 255 else 255.0
         return Image.fromarray(np.clip(array / scale * 255.0, 0, 255).round().astype(np.uint8)).convert("RGB")
-    return image.convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as error:  # a mode PIL cannot convert to RGB
+        raise ImageDecodeError(f"image mode {image.mode!r} cannot be converted to RGB: {error}") from error
 
 
 def _array_to_pil(array: np.ndarray, where: str) -> Image.Image:
@@ -74,9 +80,14 @@ def _array_to_pil(array: np.ndarray, where: str) -> Image.Image:
     if array.dtype == np.uint8:
         pixels = array
     elif np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer):
-        values = array.astype(np.float32, copy=False)
-        if not np.isfinite(values).all():
+        if not np.isfinite(array).all():
             raise ImageDecodeError(f"{where} contains NaN or infinite values")
+        if array.size and max(abs(float(array.min())), abs(float(array.max()))) > _FLOAT32_MAX:
+            low, high = float(array.min()), float(array.max())  # the float32 cast below would overflow
+            raise ImageDecodeError(
+                f"{where} has values in [{low:.3g}, {high:.3g}]; expected [0, 1] floats or [0, 255] values"
+            )
+        values = array.astype(np.float32, copy=False)
         low, high = float(values.min()), float(values.max())
         unit_range = np.issubdtype(array.dtype, np.floating) and high <= 1.0  # diffusers' output_type="np"
         if low < 0.0 or (not unit_range and high > 255.0):
@@ -130,7 +141,7 @@ def _one_to_pil(item: Any, where: str) -> Image.Image:
     if isinstance(item, Image.Image):
         try:
             item.load()
-        except OSError as error:
+        except (OSError, ValueError, SyntaxError) as error:  # PIL raises SyntaxError for broken PNG chunks
             raise ImageDecodeError(f"{where} cannot be decoded: {error}") from error
         return _to_rgb(item)
     if isinstance(item, (str, os.PathLike)):

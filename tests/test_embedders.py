@@ -110,3 +110,12 @@ def test_rebuilding_from_a_file_spec_needs_the_file_and_checks_its_hash(embedder
 def test_rebuilding_an_unknown_family_names_the_fix():
     with pytest.raises(EmbedderMismatchError, match="pass one yourself"):
         embedder_from_spec({"family": "sscd", "dim": 512})
+
+
+def test_an_extreme_strip_image_is_embedded_without_a_huge_allocation(embedder):
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    vectors = embedder.embed(np.zeros((1, 100_000, 3), np.uint8))
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert vectors.shape == (1, embedder.dim) and grown_mib < 200
