@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from .blocklist import DEFAULT_THRESHOLD
 from .errors import GuardrailError
+from .index import KINDS as INDEX_KINDS
 
 
 def _add_embedder_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +41,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "threshold": blocklist.threshold,
         "created": blocklist.created,
         "checksum": "ok",
+        "index": blocklist.index_kind or "none stored (exact search, or chosen at load)",
         "spec": blocklist.spec,
     }
     if args.json:
@@ -96,6 +98,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     """Build a blocklist from SOURCEs; writes it (and the report) atomically, or nothing at all."""
     from .build import BuildError, build_blocklist
     from .embedders import OpenCLIPEmbedder, open_clip_spec
+    from .index import BlocklistIndex
     from .sources import source_kind
 
     precomputed_only = all(source_kind(source) == "embeddings" for source in args.sources)
@@ -121,6 +124,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         if args.report:
             _write_json_atomically(args.report, {**error.report, "output": None, "error": str(error)})
         raise
+    index = BlocklistIndex.from_blocklist(blocklist, kind=args.index)
+    if not index.exact:  # store the trained index: loading a large blocklist then needs no training
+        blocklist.attach_index(index)
     blocklist.save(args.output, dtype="float16" if args.float16 else "float32")
     report = {**blocklist.build_report, "output": args.output}
     if args.report:
@@ -152,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
+    from . import demo as demo_module
+
+    demo = verbs.add_parser("demo", help="watch the guard stop a memorizing model, offline, in about a minute")
+    demo_module.add_arguments(demo)
+    demo.set_defaults(run=demo_module.main)
+
     build = verbs.add_parser("build", help="build a blocklist from image folders, manifests, shards or embeddings")
     build.add_argument("sources", nargs="+", metavar="SOURCE",
                        help="folder of images, .csv/.jsonl/.parquet manifest, webdataset .tar (brace patterns too), "
@@ -168,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--download", action="store_true", help="fetch URL entries of manifests")
     build.add_argument("--on-error", choices=("skip", "raise"), default="skip")
     build.add_argument("--float16", action="store_true", help="store vectors as float16 (half the size)")
+    build.add_argument("--index", choices=("auto", *INDEX_KINDS), default="auto",
+                       help="search index; approximate ones are trained now and stored in the file (default: by size)")
     build.add_argument("--report", metavar="REPORT.json", help="write the build report (counts, skips) here")
     build.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar on stderr (default: when stderr is a terminal)")
@@ -192,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print one JSON object per image")
     _add_embedder_arguments(check)
     check.set_defaults(run=cmd_check)
+
+    from . import calibrate as calibrate_module
+
+    calibrate = verbs.add_parser("calibrate", help="choose a threshold from copies of the blocklisted images and known non-copies")
+    calibrate_module.add_arguments(calibrate)
+    calibrate.set_defaults(run=calibrate_module.main)
     return parser
 
 
