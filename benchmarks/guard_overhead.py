@@ -10,22 +10,10 @@ pass does not depend on the weight values. Blocklists are synthetic unit vectors
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 
 import numpy as np
-
-
-def timed(function, repeats: int) -> float:
-    """Median wall time of `function()` in seconds, after one warm-up call."""
-    function()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+from timing import median_seconds
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -64,22 +52,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with torch.inference_mode():
             model.encode_image(embedder.preprocess(images))
 
-    rows = [("encode_image (bare forward)", timed(bare_forward, args.repeats)),
-            ("open_clip preprocess + encode_image", timed(preprocess_and_forward, args.repeats))]
+    rows = [("encode_image (bare forward)", median_seconds(bare_forward, args.repeats)),
+            ("open_clip preprocess + encode_image", median_seconds(preprocess_and_forward, args.repeats))]
     for size in args.sizes:
         vectors = rng.standard_normal((size, embedder.dim)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         guard = Guard(Blocklist(vectors, spec=embedder.spec), embedder)
-        rows.append((f"Guard.check, {size:,} entries", timed(lambda: guard.check(images), args.repeats)))
+        rows.append((f"Guard.check, {size:,} entries", median_seconds(lambda: guard.check(images), args.repeats)))
         queries = embedder.embed(images)
-        rows.append((f"  of which search, {size:,} entries", timed(lambda: guard.check_embeddings(queries), args.repeats)))
+        rows.append((f"  of which search, {size:,} entries", median_seconds(lambda: guard.check_embeddings(queries), args.repeats)))
 
     # diffusers output_type="pt": NCHW float tensors. Through PIL (the CPU default) vs resized on tensors.
     tensors = torch.stack([torch.from_numpy(np.asarray(image)).permute(2, 0, 1) for image in images]).float() / 255
     guard = Guard(Blocklist(np.zeros((0, embedder.dim), np.float32), [], spec=embedder.spec), embedder)
-    rows.append(("Guard.check, NCHW tensor via PIL", timed(lambda: guard.check(tensors), args.repeats)))
+    rows.append(("Guard.check, NCHW tensor via PIL", median_seconds(lambda: guard.check(tensors), args.repeats)))
     embedder.tensor_preprocess = True
-    rows.append(("Guard.check, NCHW tensor, tensor resize", timed(lambda: guard.check(tensors), args.repeats)))
+    rows.append(("Guard.check, NCHW tensor, tensor resize", median_seconds(lambda: guard.check(tensors), args.repeats)))
     embedder.tensor_preprocess = "auto"
 
     bare = rows[0][1]

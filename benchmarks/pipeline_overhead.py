@@ -12,25 +12,14 @@ and projects it onto a cited SD 1.5 generation time.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 
 import numpy as np
+from timing import median_seconds
 
 # Stable Diffusion v1.5, 512x512, 50 steps, PyTorch fp16 on an NVIDIA A10: 2.95 s per image. Source: the
 # DeciDiffusion-v1-0 model card (huggingface.co/Deci/DeciDiffusion-v1-0), latency comparison table.
 SD15_A10_SECONDS_PER_IMAGE = 2.95
-
-
-def median_seconds(function, repeats: int) -> float:
-    function()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -168,15 +168,15 @@ class Metrics:
         return "\n".join(text) + "\n"
 
 
-class _CountingGuard(Guard):
+class _CountingGuard:
     """The caller's guard, reporting every verdict to the metrics; everything else is forwarded to it.
 
-    A `Guard` subclass because `GuardedPipeline` takes only guards, and counting there is the only way to see the
-    verdicts of the attempts a resample replaced. It holds no state of its own, so a blocklist swapped or an entry
-    disabled on the caller's guard applies at once.
+    `GuardedPipeline` checks through it, which is the only way to see the verdicts of the attempts a resample
+    replaced. It holds no state of its own, so a blocklist swapped or an entry disabled on the caller's guard
+    applies at once.
     """
 
-    def __init__(self, guard: Guard, metrics: Metrics) -> None:  # no super().__init__: nothing of its own to build
+    def __init__(self, guard: Guard, metrics: Metrics) -> None:
         self._guard, self._metrics = guard, metrics
 
     def __getattr__(self, name: str) -> Any:  # called only for what this object lacks: all of the guard's state

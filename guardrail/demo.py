@@ -339,15 +339,15 @@ def format_table(result: dict, out: Path) -> str:
         "near-copy (measured independently of the embedder): Carlini et al.'s tiled distance <= "
         f"{NEAR_COPY_DISTANCE} to a blocklisted photo",
         "",
-        f"{'':38}{'unguarded':>12}{'guarded':>12}",
-        f"{'near-copies of blocklisted photos':38}{_of(unguarded['near_copies_of_blocklisted'], n):>12}"
+        f"{'':42}{'unguarded':>12}{'guarded':>12}",
+        f"{'near-copies of blocklisted photos':42}{_of(unguarded['near_copies_of_blocklisted'], n):>12}"
         f"{_of(guarded['near_copies_of_blocklisted'], n):>12}",
-        f"{'resampled slots':38}{'-':>12}{_of(guarded['resampled'], n):>12}",
-        f"{'exhausted slots (returned black)':38}{'-':>12}{_of(guarded['exhausted'], n):>12}",
-        f"{'false resamples (of first-attempt-clean)':38}{'-':>12}"
+        f"{'resampled slots':42}{'-':>12}{_of(guarded['resampled'], n):>12}",
+        f"{'exhausted slots (returned black)':42}{'-':>12}{_of(guarded['exhausted'], n):>12}",
+        f"{'false resamples (of first-attempt-clean)':42}{'-':>12}"
         f"{_of(guarded['false_resamples'], guarded['first_attempt_clean']):>12}",
-        f"{'images generated':38}{n:>12}{guarded['generations']:>12}",
-        f"{'wall time':38}{unguarded['seconds']:>11.1f}s{guarded['seconds']:>11.1f}s",
+        f"{'images generated':42}{n:>12}{guarded['generations']:>12}",
+        f"{'wall time':42}{unguarded['seconds']:>11.1f}s{guarded['seconds']:>11.1f}s",
         "",
     ]
     if spec.get("pretrained") is None and spec["model"] == DEMO_EMBEDDER_MODEL:

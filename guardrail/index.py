@@ -104,9 +104,10 @@ class BlocklistIndex:
 
     @classmethod
     def from_blocklist(cls, blocklist: "Blocklist", kind: str | None = None, **options) -> "BlocklistIndex":  # noqa: F821
-        """The index of a blocklist; reuses the faiss index stored in its file when there is one and `kind` allows."""
+        """The index of a blocklist: the faiss index stored in its file when there is one and no `kind` is asked for,
+        else one built now (`kind` defaults to `"auto"`)."""
         stored = getattr(blocklist, "faiss_index", None)
-        if stored is not None and kind in (None, "auto", blocklist.index_kind):
+        if stored is not None and kind is None:
             return cls(blocklist.embeddings, serialized=stored, **options)
         return cls(blocklist.embeddings, kind=kind or "auto", **options)
 

@@ -88,7 +88,8 @@ class GuardedPipeline:
             Any pipeline whose output has `.images` (or whose `return_dict=False` tuple starts with the images):
             `StableDiffusionPipeline`, SDXL, Flux, `DDPMPipeline`, ...
         guard (`Guard`):
-            The guard to check images with.
+            The guard to check images with (or any object with its `check(images) -> list[Verdict]`, e.g. a wrapper
+            that records verdicts).
         action (`str`, *optional*, defaults to `"resample"`):
             `"resample"` regenerates matched slots with fresh seeds; `"reject"` returns black images in their place;
             `"flag"` changes no image and only reports.
@@ -120,8 +121,8 @@ class GuardedPipeline:
             raise UsageError(f"max_attempts must be an integer >= 1, got {max_attempts!r}")
         if not callable(pipe):
             raise UsageError(f"pipe must be a callable diffusers pipeline, got {type(pipe).__name__}")
-        if not isinstance(guard, Guard):
-            raise UsageError(f"guard must be a guardrail.Guard, got {type(guard).__name__}")
+        if not callable(getattr(guard, "check", None)):
+            raise UsageError(f"guard must be a guardrail.Guard (or have its check(images) method), got {type(guard).__name__}")
         object.__setattr__(self, "pipe", pipe)
         object.__setattr__(self, "guard", guard)
         object.__setattr__(self, "action", action)

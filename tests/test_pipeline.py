@@ -183,6 +183,8 @@ def test_bad_options_name_the_argument(sd_pipe, guard):
         GuardedPipeline(sd_pipe, guard, on_exhausted="grey")
     with pytest.raises(UsageError, match="max_attempts"):
         GuardedPipeline(sd_pipe, guard, max_attempts=0)
+    with pytest.raises(UsageError, match="guard must be"):
+        GuardedPipeline(sd_pipe, object())
 
 
 def test_attributes_are_forwarded_and_to_returns_the_wrapper(sd_pipe, guard):
