@@ -108,7 +108,6 @@ def count_flops(guard, model: str) -> tuple[float, float]:
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
     ).eval()
     step = flops(lambda: unet(torch.zeros(2, 4, 64, 64), 500, encoder_hidden_states=torch.zeros(2, 77, 768)))
-    del unet
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,

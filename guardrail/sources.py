@@ -9,7 +9,6 @@ manifest column lands in the item's record. Decoding happens later, in parallel 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import re
@@ -226,8 +225,3 @@ def _embeddings(source: str) -> Iterator[Item]:
 
 def _natural_key(path: Path) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
-
-
-def image_bytes(item: Item) -> io.BytesIO | str:
-    """What PIL should open for this item: a path, or its in-memory bytes."""
-    return item.path if item.path is not None else io.BytesIO(item.data or b"")
