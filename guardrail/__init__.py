@@ -6,6 +6,7 @@ or flags matches. Heavy libraries (torch, open_clip, diffusers, faiss) are impor
 """
 
 from .blocklist import DEFAULT_THRESHOLD, Blocklist
+from .build import BuildError, build_blocklist, merge_blocklists
 from .embedders import Embedder, OpenCLIPEmbedder, embedder_from_spec
 from .errors import (
     BlocklistError,
@@ -26,6 +27,7 @@ __all__ = [
     "Blocklist",
     "BlocklistError",
     "BlocklistIndex",
+    "BuildError",
     "Embedder",
     "EmbedderMismatchError",
     "Guard",
@@ -37,5 +39,7 @@ __all__ = [
     "ResampleExhaustedError",
     "UsageError",
     "Verdict",
+    "build_blocklist",
     "embedder_from_spec",
+    "merge_blocklists",
 ]

@@ -50,6 +50,11 @@ class Blocklist:
             The spec of the embedder that made the vectors (`Embedder.spec`); its `dim` must match.
         threshold (`float`, *optional*, defaults to 0.95):
             Cosine similarity at or above which a generated image is a match.
+        created (`str`, *optional*): ISO creation time (defaults to now).
+        faiss_index (`np.ndarray`, *optional*), index_kind (`str`, *optional*):
+            A serialized trained index of these vectors and its kind (see `attach_index`); stored in the file.
+
+    `build_blocklist` also sets `build_report`, the build's counts and skips (not stored in the file).
     """
 
     def __init__(
@@ -81,12 +86,13 @@ class Blocklist:
             duplicate = next(i for i, count in Counter(ids).items() if count > 1)
             raise BlocklistError(f"entry ids must be unique; {duplicate!r} appears more than once")
         self.spec = dict(spec)
-        self.threshold = _check_threshold(threshold)
+        self.threshold = check_threshold(threshold)
         self.created = created or _now()
         if (faiss_index is None) != (index_kind is None):
             raise BlocklistError("faiss_index and index_kind come together: pass both or neither")
         self.faiss_index = None if faiss_index is None else np.ascontiguousarray(faiss_index, dtype=np.uint8)
         self.index_kind = index_kind
+        self.build_report: dict | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -135,7 +141,7 @@ class Blocklist:
         """A copy with another threshold (the vectors and records are shared, not copied)."""
         copy = Blocklist.__new__(Blocklist)
         copy.__dict__.update(self.__dict__)
-        copy.threshold = _check_threshold(threshold)
+        copy.threshold = check_threshold(threshold)
         return copy
 
     # ---- disk format -------------------------------------------------------------------------------------------
@@ -277,9 +283,19 @@ class atomic_path:
         if exc_type is None:
             with open(self.temp, "rb+") as handle:
                 os.fsync(handle.fileno())
+            os.chmod(self.temp, 0o666 & ~_umask())  # mkstemp makes files 0600; give them the usual mode
             os.replace(self.temp, self.path)
         else:
             self.temp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would, racily, for other threads)."""
+    try:
+        with open("/proc/self/status") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        return 0o022
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -314,8 +330,12 @@ def _check_unit_vectors(embeddings: np.ndarray) -> None:
             raise BlocklistError(f"embedding {worst} has L2 norm {norms[worst]:.4f}; every vector must be unit-norm")
 
 
-def _check_threshold(threshold: float) -> float:
-    threshold = float(threshold)
+def check_threshold(threshold: float) -> float:
+    """`threshold` as a float in [-1, 1], or a UsageError."""
+    try:
+        threshold = float(threshold)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"threshold must be a number, got {threshold!r}") from error
     if not math.isfinite(threshold) or not -1.0 <= threshold <= 1.0:
         raise UsageError(f"threshold must be a cosine similarity in [-1, 1], got {threshold}")
     return threshold

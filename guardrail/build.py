@@ -18,8 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .blocklist import DEFAULT_THRESHOLD, Blocklist
-from .download import DownloadError, fetch
+from .blocklist import DEFAULT_THRESHOLD, Blocklist, check_threshold
 from .embedders import Embedder
 from .errors import GuardrailError, ImageDecodeError, UsageError
 from .images import load_image
@@ -94,6 +93,9 @@ def build_blocklist(
         raise UsageError("an embedder is required (only precomputed-embedding sources can do with spec= alone)")
     if workers < 1:
         raise UsageError(f"workers must be >= 1, got {workers}")
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+    check_threshold(threshold)  # fail now, not after embedding everything
     spec = dict(embedder.spec if embedder is not None else spec)
     batch_size = batch_size or getattr(embedder, "batch_size", 32)
 
@@ -113,14 +115,18 @@ def build_blocklist(
                           "reason": prepared.skip})
 
     prepare = _Preparer(embedder, spec["dim"], download, download_timeout, download_retries)
-    batch: list[_Prepared] = []
+    batch: list[_Prepared] = []  # images waiting for the model
+    vectors: list[_Prepared] = []  # precomputed vectors waiting for the collector
     for prepared in _in_order(prepare, _all_items(sources), workers, window=max(2 * batch_size, 4 * workers)):
         handle(prepared)
         if prepared.skip is not None:
             continue
         if prepared.vector is not None:
             counts["precomputed"] += 1
-            collector.add(prepared.vector[None], [prepared.item.record])
+            vectors.append(prepared)
+            if len(vectors) == batch_size:  # one dedupe search per batch, not per vector
+                collector.add(np.stack([p.vector for p in vectors]), [p.item.record for p in vectors])
+                vectors = []
             continue
         if prepared.mode != "RGB":
             converted[prepared.mode] += 1
@@ -134,6 +140,8 @@ def build_blocklist(
         collector.add(_embed(embedder, batch), [p.item.record for p in batch])
         counts["embedded"] += len(batch)
         bar.update(len(batch))
+    if vectors:
+        collector.add(np.stack([p.vector for p in vectors]), [p.item.record for p in vectors])
     bar.close()
 
     seconds = time.perf_counter() - started
@@ -246,6 +254,8 @@ class _Preparer:
                     f"entry {item.record['id']!r} is a URL ({item.url}); pass --download (download=True) to fetch "
                     "URL entries, or give local paths"
                 )
+            from .download import DownloadError, fetch  # urllib is only needed for URL entries
+
             try:
                 item.data = fetch(item.url, timeout=self.timeout, retries=self.retries)
             except DownloadError as error:

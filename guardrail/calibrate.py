@@ -319,10 +319,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random transforms (default 0)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.safetensors",
                         help="where to write the blocklist with the chosen threshold")
-    parser.add_argument("--model", help="open_clip model name (default: the blocklist's)")
-    parser.add_argument("--pretrained", help="open_clip pretrained tag or local weights file (default: the "
-                        "blocklist's tag; a blocklist built from a weights file needs that file here)")
-    parser.add_argument("--device", default="cpu", help="torch device for the embedder (default: cpu)")
+    from .cli import add_embedder_arguments
+
+    add_embedder_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -333,8 +332,7 @@ def main(args: argparse.Namespace) -> int:
     blocklist = Blocklist.load(args.blocklist)
     positives = _image_paths(args.positives, "--positives") if args.positives else _entry_sources(blocklist)
     negatives = _image_paths(args.negatives, "--negatives")
-    spec = blocklist.spec if args.model is None else {**blocklist.spec, "model": args.model}
-    embedder = embedder_from_spec(spec, pretrained=args.pretrained, device=args.device)
+    embedder = embedder_from_spec(blocklist.spec, pretrained=args.pretrained, device=args.device)
     result = calibrate(blocklist, embedder, positives, negatives, target_fpr=args.target_fpr,
                        copies_per_image=args.copies, seed=args.seed, on_error="skip")
     _save_like(blocklist.with_threshold(result.threshold), args.blocklist, args.output)

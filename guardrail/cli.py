@@ -17,8 +17,8 @@ from .errors import GuardrailError
 from .index import KINDS as INDEX_KINDS
 
 
-def _add_embedder_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="open_clip model name (default: the blocklist's)")
+def add_embedder_arguments(parser: argparse.ArgumentParser) -> None:
+    """The embedder is rebuilt from the blocklist's spec; these say where its weights and compute are."""
     parser.add_argument(
         "--pretrained",
         help="open_clip pretrained tag or local weights file (default: the blocklist's tag; a blocklist built from a "
@@ -62,8 +62,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .images import load_image
 
     blocklist = Blocklist.load(args.blocklist)
-    spec = blocklist.spec if args.model is None else {**blocklist.spec, "model": args.model}
-    embedder = embedder_from_spec(spec, pretrained=args.pretrained, device=args.device)
+    embedder = embedder_from_spec(blocklist.spec, pretrained=args.pretrained, device=args.device)
     guard = Guard(blocklist, embedder, threshold=args.threshold)
     decoded, errors = {}, {}
     for path in args.images:
@@ -204,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("images", nargs="+", metavar="IMAGE")
     check.add_argument("--threshold", type=float, help="override the blocklist's threshold")
     check.add_argument("--json", action="store_true", help="print one JSON object per image")
-    _add_embedder_arguments(check)
+    add_embedder_arguments(check)
     check.set_defaults(run=cmd_check)
 
     from . import calibrate as calibrate_module
@@ -215,20 +214,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt_on_sigterm() -> None:
-    """Make `kill` behave like Ctrl-C, so atomic writes clean up their temp files."""
+def _interrupt_on_sigterm():
+    """Make `kill` behave like Ctrl-C, so atomic writes clean up their temp files; returns the previous handler."""
 
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `guardrail` command; returns the exit code (argparse exits 2 itself on usage errors)."""
     args = build_parser().parse_args(argv)
-    _interrupt_on_sigterm()
+    previous = _interrupt_on_sigterm()
     try:
         return args.run(args)
     except GuardrailError as error:
@@ -237,6 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"guardrail {args.verb}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .embedders import BUNDLED_CONFIGS
-from .errors import UsageError
+from .errors import GuardrailError, UsageError
 
 DEMO_EMBEDDER_MODEL = "guardrail-tiny-vit"
 DEMO_EMBEDDER_WEIGHTS = BUNDLED_CONFIGS / "guardrail-tiny-vit-seed0.safetensors"
@@ -239,7 +239,7 @@ def _run(
         after = tiled_distance(guarded[slot], blocked_photos)
         first, final = first_verdicts[slot], report.verdicts[slot]
         if report.attempts[slot] == 1 and not np.array_equal(guarded[slot], unguarded[slot]):
-            raise AssertionError(f"slot {slot}: the guarded first attempt differs from the unguarded image")
+            raise GuardrailError(f"slot {slot}: the guarded first attempt differs from the unguarded image")
         slots.append(
             {
                 "slot": slot,

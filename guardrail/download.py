@@ -6,6 +6,7 @@ skip. Only http(s) URLs are fetched.
 
 from __future__ import annotations
 
+import http.client
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +29,10 @@ def fetch(url: str, timeout: float = 10.0, retries: int = 2, backoff: float = 0.
     """
     if not url.lower().startswith(("http://", "https://")):
         raise DownloadError(f"not an http(s) URL: {url!r}")
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    except ValueError as error:  # a malformed URL (e.g. "http://[::1")
+        raise DownloadError(f"{url}: invalid URL ({error})") from error
     for attempt in range(retries + 1):
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -39,9 +43,11 @@ def fetch(url: str, timeout: float = 10.0, retries: int = 2, backoff: float = 0.
         except urllib.error.HTTPError as error:
             reason = f"HTTP {error.code}"
             transient = error.code == 429 or error.code >= 500
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException) as error:
             reason = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
             transient = True
+        except ValueError as error:  # a malformed host or port, found only when connecting
+            raise DownloadError(f"{url}: invalid URL ({error})") from error
         if not transient or attempt == retries:
             raise DownloadError(f"{url}: {reason}" + (f" after {attempt + 1} attempts" if transient else ""))
         time.sleep(backoff * 2**attempt)

@@ -148,7 +148,7 @@ class OpenCLIPEmbedder:
             clip_model, _, preprocess = open_clip.create_model_and_transforms(
                 model, pretrained=pretrained, device=device, precision=precision, force_quick_gelu=quick_gelu
             )
-        except RuntimeError as error:
+        except (RuntimeError, OSError, ValueError) as error:  # missing download, corrupt or mismatched weights
             raise GuardrailError(f"open_clip could not load {model!r} with pretrained={pretrained!r}: {error}") from error
         clip_model.eval()
         self._model = clip_model
@@ -217,8 +217,8 @@ class OpenCLIPEmbedder:
     def preprocess_tensor(self, images: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
         """NCHW (or CHW) float images in [0, 1] -> the model's input, on the images' own device, without PIL.
 
-        Mirrors open_clip's eval transform: resize (shortest side, or squash) with antialiased bicubic, center
-        crop, normalize.
+        Mirrors open_clip's eval transform: resize (shortest side, or squash) with the model's antialiased
+        interpolation, center crop, normalize. uint8 tensors are read as [0, 255].
         """
         torch = self._torch
         from .errors import ImageDecodeError
@@ -228,12 +228,22 @@ class OpenCLIPEmbedder:
             raise ImageDecodeError("images is empty; pass at least one image")
         if pixels.shape[1] not in (1, 3):
             raise ImageDecodeError(f"images tensor has shape {tuple(images.shape)}; expected NCHW with 1 or 3 channels")
-        pixels = pixels.float()
-        if not torch.isfinite(pixels).all():
-            raise ImageDecodeError("images contains NaN or infinite values")
+        if pixels.dtype == torch.uint8:
+            pixels = pixels.float() / 255
+        else:
+            pixels = pixels.float()
+            if not torch.isfinite(pixels).all():
+                raise ImageDecodeError("images contains NaN or infinite values")
+            if pixels.numel() and (pixels.min() < -1e-3 or pixels.max() > 1 + 1e-3):
+                raise ImageDecodeError("images tensor has values outside [0, 1]; expected diffusers' output_type='pt'")
         pixels = pixels.clamp(0, 1).expand(-1, 3, -1, -1)
-        height, width = self.spec["image_size"]
         in_height, in_width = pixels.shape[-2:]
+        if max(in_height, in_width) > _MAX_ASPECT * min(in_height, in_width):  # as `_bounded_aspect` does for PIL
+            keep = _MAX_ASPECT * min(in_height, in_width)
+            top, left = max(0, (in_height - keep) // 2), max(0, (in_width - keep) // 2)
+            pixels = pixels[:, :, top : top + keep, left : left + keep]
+            in_height, in_width = pixels.shape[-2:]
+        height, width = self.spec["image_size"]
         if self.spec["resize_mode"] == "squash":
             size = (height, width)
         else:  # torchvision's Resize(int): the short side to the target, the long side scaled and truncated
@@ -241,7 +251,9 @@ class OpenCLIPEmbedder:
             target = min(height, width)
             scaled = int(target * long / short)
             size = (target, scaled) if in_height <= in_width else (scaled, target)
-        pixels = torch.nn.functional.interpolate(pixels, size=size, mode="bicubic", antialias=True, align_corners=False)
+        mode = self.spec["interpolation"] if self.spec["interpolation"] in ("bilinear", "bicubic") else "nearest"
+        smooth = {"antialias": True, "align_corners": False} if mode != "nearest" else {}
+        pixels = torch.nn.functional.interpolate(pixels, size=size, mode=mode, **smooth)
         top, left = (size[0] - height) // 2, (size[1] - width) // 2
         pixels = pixels[:, :, top : top + height, left : left + width].clamp(0, 1)
         mean = torch.tensor(self.spec["mean"], device=pixels.device).view(1, 3, 1, 1)
@@ -340,7 +352,7 @@ def embedder_from_spec(
         if pretrained is None:
             raise EmbedderMismatchError(
                 f"the blocklist was built from a local weights file ({spec.get('weights_file')!r}, sha256 "
-                f"{spec.get('weights_sha256')}); pass that file with --pretrained PATH (pretrained=PATH)"
+                f"{spec.get('weights_sha256')}); pass that file again (--pretrained PATH on the command line)"
             )
     elif os.path.isfile(pretrained) and spec.get("weights_sha256") not in (None, file_sha256(pretrained)):
         raise EmbedderMismatchError(

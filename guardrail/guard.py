@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .blocklist import Blocklist, _check_threshold
+from .blocklist import Blocklist, check_threshold
 from .embedders import Embedder, spec_differences
 from .errors import EmbedderMismatchError, UsageError
 from .images import ImageInput
@@ -113,14 +113,15 @@ class Guard:
         self.index_kind = index_kind
         self.index_device = index_device or _default_index_device(embedder)
         self.flood_fraction = flood_fraction
-        self._lock = threading.Lock()  # guards writers and the match statistics, never a search
+        self._lock = threading.Lock()  # orders snapshot writers; never held while searching or building an index
+        self._stats_lock = threading.Lock()  # the match statistics
+        self._threshold_override = None if threshold is None else check_threshold(threshold)
         self._recent: deque = deque(maxlen=flood_window)
         self._match_counts: Counter = Counter()
         self._flooding: set[str] = set()
-        self._snapshot = self._make_snapshot(blocklist, threshold, disabled_ids=())
+        self._snapshot = self._with_disabled(self._make_snapshot(blocklist, self._threshold_override), ())
 
-    def _make_snapshot(self, blocklist: Blocklist | str | os.PathLike, threshold: float | None,
-                       disabled_ids: Sequence[str]) -> _Snapshot:
+    def _make_snapshot(self, blocklist: Blocklist | str | os.PathLike, threshold: float | None) -> _Snapshot:
         if not isinstance(blocklist, Blocklist):
             blocklist = Blocklist.load(blocklist)
         differences = spec_differences(blocklist.spec, self.embedder.spec)
@@ -130,13 +131,17 @@ class Guard:
                 + "; ".join(differences)
                 + "). Use the blocklist's model and weights, or rebuild the blocklist with this embedder"
             )
-        rows = {entry["id"]: row for row, entry in enumerate(blocklist.entries)}
         return _Snapshot(
             blocklist,
             BlocklistIndex.from_blocklist(blocklist, kind=self.index_kind, device=self.index_device),
-            blocklist.threshold if threshold is None else _check_threshold(threshold),
-            frozenset(rows[entry_id] for entry_id in disabled_ids if entry_id in rows),
+            blocklist.threshold if threshold is None else threshold,
+            frozenset(),
         )
+
+    @staticmethod
+    def _with_disabled(snapshot: _Snapshot, disabled_ids: Sequence[str]) -> _Snapshot:
+        rows = {entry["id"]: row for row, entry in enumerate(snapshot.blocklist.entries)}
+        return snapshot._replace(disabled_rows=frozenset(rows[i] for i in disabled_ids if i in rows))
 
     @property
     def blocklist(self) -> Blocklist:
@@ -154,12 +159,17 @@ class Guard:
     def swap_blocklist(self, blocklist: Blocklist | str | os.PathLike, threshold: float | None = None) -> None:
         """Replace the blocklist (and its index) atomically while requests are in flight.
 
-        The new index is built before the switch; checks already running finish on the old one. The new blocklist's
-        spec is verified like the first one's. Disabled entry ids stay disabled if they exist in the new blocklist.
+        The new index is built before the switch, with no lock held, so checks keep running on the old one
+        meanwhile. The new blocklist's spec is verified like the first one's. A threshold given to the constructor
+        (or here) keeps overriding the blocklist's; disabled ids stay disabled if they exist in the new blocklist.
         """
+        if threshold is not None:
+            threshold = check_threshold(threshold)
+        snapshot = self._make_snapshot(blocklist, threshold if threshold is not None else self._threshold_override)
         with self._lock:
-            disabled = self.disabled
-            self._snapshot = self._make_snapshot(blocklist, threshold, disabled)
+            if threshold is not None:
+                self._threshold_override = threshold
+            self._snapshot = self._with_disabled(snapshot, self.disabled)
 
     @property
     def disabled(self) -> frozenset[str]:
@@ -188,14 +198,14 @@ class Guard:
 
     def match_counts(self) -> dict[str, int]:
         """How many checked images matched each entry since the guard was made."""
-        with self._lock:
+        with self._stats_lock:
             return dict(self._match_counts)
 
     def flooding(self) -> list[str]:
         """Entries that matched more than `flood_fraction` of the last `flood_window` images (needs the option)."""
         if self.flood_fraction is None:
             return []
-        with self._lock:
+        with self._stats_lock:
             return self._flooding_now()
 
     def _flooding_now(self) -> list[str]:
@@ -216,7 +226,7 @@ class Guard:
         """Verdicts for vectors already made by this guard's embedder (unit-norm float32 `(n, dim)`)."""
         snapshot = self._snapshot  # read once: all verdicts of a call come from one blocklist
         disabled = snapshot.disabled_rows
-        scores, ids = snapshot.index.search(vectors, k=1 + len(disabled))
+        scores, ids = snapshot.index.search(vectors, k=min(1 + len(disabled), max(1, len(snapshot.index))))
         verdicts = []
         for row_scores, row_ids in zip(scores.tolist(), ids.tolist()):
             hit = next(((s, i) for s, i in zip(row_scores, row_ids) if i >= 0 and i not in disabled), None)
@@ -225,13 +235,13 @@ class Guard:
                 continue
             score, row = hit
             entry = snapshot.blocklist.entries[row]
-            verdicts.append(Verdict(bool(score >= snapshot.threshold), float(score), entry["id"], entry))
+            verdicts.append(Verdict(bool(score >= snapshot.threshold), float(score), entry["id"], dict(entry)))
         self._record(verdicts)
         return verdicts
 
     def _record(self, verdicts: list[Verdict]) -> None:
         matched_ids = [verdict.entry_id if verdict.matched else None for verdict in verdicts]
-        with self._lock:
+        with self._stats_lock:
             self._match_counts.update(entry_id for entry_id in matched_ids if entry_id is not None)
             if self.flood_fraction is None:
                 return

@@ -31,7 +31,8 @@ ACTIONS = ("resample", "reject", "flag")
 ON_EXHAUSTED = ("black", "raise", "keep")
 
 # Call arguments that hold one item per prompt (or per image, for unconditional and class-conditional pipelines).
-_PER_ITEM_KEYS = frozenset({"class_labels", "image", "mask_image", "control_image"})
+_IMAGE_KEYS = frozenset({"image", "mask_image", "control_image"})  # batched only as lists or NCHW tensors
+_PER_ITEM_KEYS = frozenset({"class_labels"}) | _IMAGE_KEYS
 
 
 def _is_per_item(key: str) -> bool:
@@ -142,6 +143,7 @@ class GuardedPipeline:
         on_exhausted: str = "black",
         threshold: float | None = None,
         embedder_device: str = "cpu",
+        embedder_pretrained: str | os.PathLike | None = None,
         pipeline_class: Any = None,
         **pipeline_kwargs: Any,
     ) -> "GuardedPipeline":
@@ -150,23 +152,26 @@ class GuardedPipeline:
         Args:
             pretrained_model_name_or_path: what `DiffusionPipeline.from_pretrained` takes (a hub id or local folder).
             blocklist: a `Blocklist` or the path of a blocklist file.
-            embedder: the embedder to use; by default it is rebuilt from the blocklist's spec (its pretrained tag).
+            embedder: the embedder to use; by default it is rebuilt from the blocklist's spec (its pretrained tag,
+                or `embedder_pretrained`: the weights file a blocklist built from a local file needs again).
             pipeline_class: the pipeline class to load with (defaults to `diffusers.DiffusionPipeline`).
             **pipeline_kwargs: passed to `from_pretrained` (`torch_dtype`, `local_files_only`, `variant`, ...).
         """
-        if pipeline_class is None:
-            from diffusers import DiffusionPipeline as pipeline_class
-        pipe = pipeline_class.from_pretrained(pretrained_model_name_or_path, **pipeline_kwargs)
         if not isinstance(blocklist, Blocklist):
             blocklist = Blocklist.load(blocklist)
         if embedder is None:
-            embedder = embedder_from_spec(blocklist.spec, device=embedder_device)
-        guard = Guard(blocklist, embedder, threshold=threshold)
+            embedder = embedder_from_spec(blocklist.spec, pretrained=embedder_pretrained, device=embedder_device)
+        guard = Guard(blocklist, embedder, threshold=threshold)  # checked before the (large) pipeline loads
+        if pipeline_class is None:
+            from diffusers import DiffusionPipeline as pipeline_class
+        pipe = pipeline_class.from_pretrained(pretrained_model_name_or_path, **pipeline_kwargs)
         return cls(pipe, guard, action=action, max_attempts=max_attempts, on_exhausted=on_exhausted)
 
     # ---- forwarding ------------------------------------------------------------------------------------------
 
     def __getattr__(self, name: str) -> Any:
+        if name == "pipe" or name.startswith("__"):  # not set up yet (copy, unpickling): no forwarding loop
+            raise AttributeError(name)
         attribute = getattr(self.pipe, name)
         if not inspect.ismethod(attribute):
             return attribute
@@ -199,6 +204,7 @@ class GuardedPipeline:
         output = self.pipe(**call)
         images = _writable(_images_of(output))
         count = len(images)
+        fields = _per_image_fields(output, count)  # e.g. nsfw_content_detected: kept in step with the images
         verdicts = self.guard.check(images)
         attempts, blocked, exhausted = [1] * count, [False] * count, [False] * count
 
@@ -209,14 +215,18 @@ class GuardedPipeline:
                 if not pending:
                     break
                 generators = [_derived_generator(call.get("generator"), slot, attempt) for slot in pending]
-                retry = _images_of(self.pipe(**layout.subcall(call, pending, generators)))
+                retry_output = self.pipe(**layout.subcall(call, pending, generators))
+                retry = _images_of(retry_output)
                 if len(retry) != len(pending):
                     raise GuardrailError(
                         f"resampling {len(pending)} slots returned {len(retry)} images; this pipeline's batch "
                         "layout is not supported by action='resample' (use 'reject' or 'flag')"
                     )
-                for slot, image, verdict in zip(pending, _items(retry), self.guard.check(retry)):
+                retry_fields = _per_image_fields(retry_output, len(pending))
+                for row, (slot, image, verdict) in enumerate(zip(pending, _items(retry), self.guard.check(retry))):
                     images[slot], verdicts[slot], attempts[slot] = image, verdict, attempt
+                    for key in fields.keys() & retry_fields.keys():
+                        fields[key][slot] = retry_fields[key][row]
                 pending = [slot for slot in pending if verdicts[slot].matched]
             for slot in pending:
                 exhausted[slot] = True
@@ -242,7 +252,7 @@ class GuardedPipeline:
                 count,
             )
         report = GuardReport(verdicts, attempts, blocked, exhausted, self.action)
-        return _with_images(output, images, report)
+        return _with_images(output, images, fields, report)
 
     def _bind(self, args: tuple, kwargs: dict) -> dict:
         """Positional and keyword arguments -> one keyword dict, in the wrapped pipeline's own names."""
@@ -278,7 +288,10 @@ class _BatchLayout:
     def subcall(self, call: dict, slots: list[int], generators: list) -> dict:
         """The call that regenerates exactly `slots`, one image each, with the given generators."""
         rows = [slot // self.per_item for slot in slots]
-        sub = {key: _take(value, rows, self.items) if _is_per_item(key) else value for key, value in call.items()}
+        sub = {
+            key: _take(value, rows, self.items, min_ndim=4 if key in _IMAGE_KEYS else 1) if _is_per_item(key) else value
+            for key, value in call.items()
+        }
         sub.pop("latents", None)  # the caller's latents would give back the same image
         if "num_images_per_prompt" in self.parameters:
             sub["num_images_per_prompt"] = 1
@@ -299,15 +312,18 @@ def _item_count(call: dict, count: int) -> int:
     return count  # unconditional: one item per image
 
 
-def _take(value: Any, rows: list[int], items: int) -> Any:
-    """Select `rows` of a per-item argument; a scalar (one prompt for all) is repeated for each row."""
+def _take(value: Any, rows: list[int], items: int, min_ndim: int = 1) -> Any:
+    """Select `rows` of a per-item argument; a scalar (one prompt for all) is repeated for each row.
+
+    Arrays and tensors count as batched only with at least `min_ndim` dimensions (a CHW image is one image).
+    """
     if value is None:
         return None
     if isinstance(value, (str, int)):
         return [value] * len(rows)
     if isinstance(value, (list, tuple)) and len(value) == items:
         return [value[row] for row in rows]
-    if hasattr(value, "shape") and getattr(value, "ndim", 0) >= 1 and value.shape[0] == items:
+    if hasattr(value, "shape") and getattr(value, "ndim", 0) >= min_ndim and value.shape[0] == items:
         if isinstance(value, np.ndarray):
             return value[rows]
         import torch
@@ -365,11 +381,26 @@ def _black_like(image: Any) -> Any:
     return Image.new(image.mode, image.size)
 
 
-def _with_images(output: Any, images: Any, report: GuardReport) -> Any:
+def _per_image_fields(output: Any, count: int) -> dict:
+    """Copies of the output's other per-image lists (key: field name, or tuple position), e.g. NSFW flags."""
     if isinstance(output, tuple):
-        guarded = GuardedTuple((images, *output[1:]))
+        items = enumerate(output)
+    else:
+        items = output.items() if hasattr(output, "items") else ()
+    return {key: list(value) for key, value in items
+            if key not in (0, "images") and isinstance(value, list) and len(value) == count}
+
+
+def _with_images(output: Any, images: Any, fields: dict, report: GuardReport) -> Any:
+    if isinstance(output, tuple):
+        parts = [images, *output[1:]]
+        for position, values in fields.items():
+            parts[position] = values
+        guarded = GuardedTuple(parts)
         guarded.guardrail = report
         return guarded
     output.images = images
+    for key, values in fields.items():
+        setattr(output, key, values)
     output.guardrail = report
     return output

@@ -12,7 +12,6 @@ import csv
 import json
 import os
 import re
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,7 +118,10 @@ def _read_parquet(source: str):
         import pyarrow.parquet as pq
     except ImportError as error:
         raise UsageError("reading .parquet needs pyarrow: pip install pyarrow") from error
-    return pq.read_table(source)
+    try:
+        return pq.read_table(source)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise UsageError(f"{source!r} is not a readable parquet file: {error}") from error
 
 
 def _manifest(source: str) -> Iterator[Item]:
@@ -137,7 +139,8 @@ def _manifest(source: str) -> Iterator[Item]:
     base = Path(source).parent
     stem = Path(source).name
     for row_number, row in enumerate(rows):
-        record = {key: _jsonable(value) for key, value in row.items()}
+        # csv.DictReader files a row's surplus fields under the key None; keep them under a name JSON accepts.
+        record = {("extra_fields" if key is None else key): _jsonable(value) for key, value in row.items()}
         record["id"] = str(row[id_column]) if id_column and row.get(id_column) is not None else f"{stem}:{row_number}"
         if caption_column and caption_column != "caption":
             record.setdefault("caption", row.get(caption_column))
@@ -170,9 +173,15 @@ def _webdataset(source: str) -> Iterator[Item]:
 
 def _shard_items(shard: str) -> Iterator[Item]:
     """Samples of one tar shard: members grouped by key (the name up to the first dot), as webdataset does."""
+    import tarfile
+
     samples: dict[str, dict[str, bytes]] = {}
     order: list[str] = []
-    with tarfile.open(shard) as tar:
+    try:
+        tar = tarfile.open(shard)
+    except (tarfile.TarError, OSError) as error:
+        raise UsageError(f"webdataset shard {shard!r} is not a readable tar file: {error}") from error
+    with tar:
         for member in tar:
             if not member.isfile():
                 continue

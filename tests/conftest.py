@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+import socket
 
-from guardrail import Blocklist, Guard, OpenCLIPEmbedder
-from guardrail.offline import tiny_stable_diffusion_pipeline, write_seeded_open_clip_weights
+# No network at test time: no model hub, and no socket to anything but loopback.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+_connect = socket.socket.connect
+
+
+def _loopback_only(self, address):
+    host = address[0] if isinstance(address, tuple) else None
+    if self.family in (socket.AF_INET, socket.AF_INET6) and not (host == "localhost" or str(host).startswith("127.")
+                                                                  or host == "::1"):
+        raise OSError(f"tests may not reach the network (tried {address})")
+    return _connect(self, address)
+
+
+socket.socket.connect = _loopback_only
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from guardrail import Blocklist, Guard, OpenCLIPEmbedder  # noqa: E402
+from guardrail.offline import tiny_stable_diffusion_pipeline, write_seeded_open_clip_weights  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 STEPS = 2

@@ -358,3 +358,46 @@ def test_a_killed_build_process_leaves_nothing_behind(tmp_path, weights_file):
     process.communicate(timeout=60)
     assert process.returncode == 130
     assert list(out_dir.iterdir()) == []
+
+
+def test_malformed_urls_are_skipped_not_fatal(tmp_path, embedder, http_server):
+    base, _, _ = http_server
+    manifest = tmp_path / "urls.jsonl"
+    rows = [{"id": "good", "url": f"{base}/good.png"}, {"id": "bad", "url": "http://[::1"}]
+    manifest.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    blocklist = build_blocklist(str(manifest), embedder, download=True)
+    assert [entry["id"] for entry in blocklist.entries] == ["good"]
+    assert "invalid URL" in blocklist.build_report["skips"][0]["reason"]
+
+
+def test_csv_rows_with_surplus_fields_keep_them(folder, embedder, tmp_path):
+    manifest = folder.parent / "extra.csv"
+    manifest.write_text("path,caption\nimages/0.png,a photo,surplus,more\n")
+    blocklist = build_blocklist(str(manifest), embedder)
+    assert blocklist.entries[0]["extra_fields"] == "['surplus', 'more']"
+    blocklist.save(tmp_path / "x.safetensors")
+
+
+def test_bad_build_options_fail_before_any_embedding(folder, embedder):
+    with pytest.raises(UsageError, match="threshold"):
+        build_blocklist(str(folder), embedder, threshold=1.5)
+    with pytest.raises(UsageError, match="batch_size"):
+        build_blocklist(str(folder), embedder, batch_size=-1)
+
+
+def test_written_files_get_the_usual_permissions(folder, embedder, tmp_path):
+    import os
+    import stat
+
+    path = build_blocklist(str(folder), embedder).save(tmp_path / "bl.safetensors")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_the_cli_restores_the_sigterm_handler(folder, weights_file, tmp_path):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    main(["info", str(tmp_path / "missing.safetensors")])
+    assert signal.getsignal(signal.SIGTERM) is before

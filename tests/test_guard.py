@@ -179,3 +179,17 @@ def test_match_counts_and_flooding_entries_are_reported(caplog):
     assert guard.match_counts() == {"broad": 4, "rare": 1}
     assert guard.flooding() == ["broad"]
     assert len([r for r in caplog.records if "broad" in r.getMessage()]) == 1, "warned once"
+
+
+def test_a_swap_keeps_the_threshold_the_guard_was_given(memorized_blocklist, embedder):
+    guard = Guard(memorized_blocklist, embedder, threshold=0.5)
+    guard.swap_blocklist(memorized_blocklist.with_threshold(0.9))
+    assert guard.threshold == 0.5
+    guard.swap_blocklist(memorized_blocklist, threshold=0.7)
+    assert guard.threshold == 0.7
+
+
+def test_verdict_records_are_copies(guard, unguarded):
+    verdict = guard.check([unguarded[1]])[0]
+    verdict.entry["caption"] = "changed"
+    assert guard.blocklist.entries[0]["caption"] != "changed"

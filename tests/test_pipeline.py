@@ -227,3 +227,45 @@ def test_from_pretrained_loads_a_local_pipeline_and_blocklist_file(sd_pipe, memo
     guarded.set_progress_bar_config(disable=True)
     out = run(guarded, prompt=PROMPT, num_images_per_prompt=4, generator=generators(range(4)))
     assert out.guardrail.blocked == [False, True, False, False]
+
+
+class FlaggingPipeline:
+    """A stand-in pipeline whose per-image NSFW flag is the parity of the slot's seed (to test field bookkeeping)."""
+
+    def __call__(self, prompt, num_images_per_prompt=1, generator=None, output_type="pil", return_dict=True):
+        from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+        from PIL import Image
+
+        seeds = [g.initial_seed() for g in generator]
+        images = [Image.new("RGB", (8, 8), (seed % 251, 0, 0)) for seed in seeds]
+        flags = [seed % 2 == 1 for seed in seeds]
+        return StableDiffusionPipelineOutput(images, flags) if return_dict else (images, flags)
+
+
+class FirstAttemptGuard:
+    """Matches exactly the images of the first call's slot 0 colour (seed 0), like a blocklist of that image."""
+
+    def check(self, images):
+        from guardrail import Verdict
+
+        return [Verdict(image.getpixel((0, 0))[0] == 0, 1.0, "x", {"id": "x"}) for image in images]
+
+
+@pytest.mark.parametrize("return_dict", [True, False])
+def test_resampled_slots_take_the_retrys_per_image_fields_too(return_dict):
+    from guardrail.pipeline import _derived_generator
+
+    guarded = GuardedPipeline(FlaggingPipeline(), FirstAttemptGuard())
+    out = guarded("p", num_images_per_prompt=2, generator=generators([0, 3]), return_dict=return_dict)
+    images, flags = (out.images, out.nsfw_content_detected) if return_dict else out
+    retry_seed = _derived_generator(generators([0, 3]), 0, 2).initial_seed()
+    assert out.guardrail.attempts == [2, 1]
+    assert flags == [retry_seed % 2 == 1, True], "slot 0's flag is the retry's, slot 1's is untouched"
+
+
+def test_a_single_chw_conditioning_image_is_not_sliced():
+    from guardrail.pipeline import _take
+
+    single = torch.zeros(3, 8, 8)
+    assert _take(single, [0, 0], items=3, min_ndim=4) is single
+    assert _take(torch.zeros(3, 3, 8, 8), [2], items=3, min_ndim=4).shape == (1, 3, 8, 8)
