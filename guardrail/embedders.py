@@ -345,8 +345,10 @@ def embedder_from_spec(
     again (`pretrained=PATH`), and its sha256 must match. Raises `EmbedderMismatchError` when it cannot be rebuilt
     or the result differs.
     """
-    if spec.get("family") != "open_clip":
-        raise EmbedderMismatchError(f"cannot rebuild an embedder of family {spec.get('family')!r}; pass one yourself")
+    if spec.get("family") != "open_clip" or not spec.get("model"):
+        raise EmbedderMismatchError(
+            f"cannot rebuild an embedder of family {spec.get('family')!r} (model {spec.get('model')!r}); pass one yourself"
+        )
     if pretrained is None:
         pretrained = spec.get("pretrained")
         if pretrained is None:
@@ -360,7 +362,8 @@ def embedder_from_spec(
             f"{spec.get('weights_sha256')} ({spec.get('weights_file')!r})"
         )
     embedder = OpenCLIPEmbedder(
-        spec["model"], pretrained, device=device, batch_size=batch_size, precision=precision or spec["precision"]
+        spec["model"], pretrained, device=device, batch_size=batch_size,
+        precision=precision or spec.get("precision", "fp32"),
     )
     differences = spec_differences(spec, embedder.spec)
     if differences:

@@ -25,7 +25,8 @@ def write_clip_tokenizer_files(folder: str | os.PathLike) -> Path:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    with gzip.open(default_bpe()) as bpe:
+        lines = bpe.read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]  # the slice CLIP itself uses
     byte_tokens = list(bytes_to_unicode().values())
     vocab = byte_tokens + [token + "</w>" for token in byte_tokens]
@@ -39,7 +40,10 @@ def clip_tokenizer(folder: str | os.PathLike | None = None):  # -> transformers.
     """A real `CLIPTokenizer` with CLIP's vocabulary, built offline (see `write_clip_tokenizer_files`)."""
     from transformers import CLIPTokenizer
 
-    folder = write_clip_tokenizer_files(folder or tempfile.mkdtemp(prefix="guardrail-clip-tokenizer-"))
+    if folder is None:  # the tokenizer reads its files at load time, so a temporary folder will do
+        with tempfile.TemporaryDirectory(prefix="guardrail-clip-tokenizer-") as temporary:
+            return clip_tokenizer(temporary)
+    write_clip_tokenizer_files(folder)
     # transformers 5.x ignores vocab_file=/merges_file= keywords: pass the folder.
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, model_max_length=77)
 

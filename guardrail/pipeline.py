@@ -209,25 +209,7 @@ class GuardedPipeline:
         attempts, blocked, exhausted = [1] * count, [False] * count, [False] * count
 
         if self.action == "resample":
-            pending = [slot for slot, verdict in enumerate(verdicts) if verdict.matched]
-            layout = _BatchLayout.of(call, count, self._signature) if pending else None
-            for attempt in range(2, self.max_attempts + 1):
-                if not pending:
-                    break
-                generators = [_derived_generator(call.get("generator"), slot, attempt) for slot in pending]
-                retry_output = self.pipe(**layout.subcall(call, pending, generators))
-                retry = _images_of(retry_output)
-                if len(retry) != len(pending):
-                    raise GuardrailError(
-                        f"resampling {len(pending)} slots returned {len(retry)} images; this pipeline's batch "
-                        "layout is not supported by action='resample' (use 'reject' or 'flag')"
-                    )
-                retry_fields = _per_image_fields(retry_output, len(pending))
-                for row, (slot, image, verdict) in enumerate(zip(pending, _items(retry), self.guard.check(retry))):
-                    images[slot], verdicts[slot], attempts[slot] = image, verdict, attempt
-                    for key in fields.keys() & retry_fields.keys():
-                        fields[key][slot] = retry_fields[key][row]
-                pending = [slot for slot in pending if verdicts[slot].matched]
+            pending = self._resample(call, images, fields, verdicts, attempts)
             for slot in pending:
                 exhausted[slot] = True
             if pending and self.on_exhausted == "raise":
@@ -253,6 +235,30 @@ class GuardedPipeline:
             )
         report = GuardReport(verdicts, attempts, blocked, exhausted, self.action)
         return _with_images(output, images, fields, report)
+
+    def _resample(self, call: dict, images: Any, fields: dict, verdicts: list, attempts: list[int]) -> list[int]:
+        """Regenerate matched slots in place, one batched call per attempt; returns the slots still matching."""
+        count = len(images)
+        pending = [slot for slot, verdict in enumerate(verdicts) if verdict.matched]
+        layout = _BatchLayout.of(call, count, self._signature) if pending else None
+        for attempt in range(2, self.max_attempts + 1):
+            if not pending:
+                break
+            generators = [_derived_generator(call.get("generator"), slot, attempt) for slot in pending]
+            retry_output = self.pipe(**layout.subcall(call, pending, generators))
+            retry = _images_of(retry_output)
+            if len(retry) != len(pending):
+                raise GuardrailError(
+                    f"resampling {len(pending)} slots returned {len(retry)} images; this pipeline's batch "
+                    "layout is not supported by action='resample' (use 'reject' or 'flag')"
+                )
+            retry_fields = _per_image_fields(retry_output, len(pending))
+            for row, (slot, image, verdict) in enumerate(zip(pending, _items(retry), self.guard.check(retry))):
+                images[slot], verdicts[slot], attempts[slot] = image, verdict, attempt
+                for key in fields.keys() & retry_fields.keys():
+                    fields[key][slot] = retry_fields[key][row]
+            pending = [slot for slot in pending if verdicts[slot].matched]
+        return pending
 
     def _bind(self, args: tuple, kwargs: dict) -> dict:
         """Positional and keyword arguments -> one keyword dict, in the wrapped pipeline's own names."""
