@@ -29,7 +29,7 @@ FORMAT_VERSION = "1"
 DEFAULT_THRESHOLD = 0.95
 """Cosine at or above which an image is a match. Suits real CLIP weights; calibrate for your embedder."""
 
-_UNIT_NORM_TOLERANCE = 1e-2  # float16 storage rounds norms to about 1e-3
+UNIT_NORM_TOLERANCE = 1e-2  # float16 storage rounds norms to about 1e-3
 _STORED_DTYPES = frozenset({"F16", "F32", "U8"})  # safetensors names of float16, float32, uint8
 _REQUIRED_METADATA = ("format", "format_version", "spec", "threshold", "count", "created", "content_sha256")
 
@@ -326,7 +326,7 @@ def _check_unit_vectors(embeddings: np.ndarray) -> None:
     if len(embeddings):
         norms = np.linalg.norm(embeddings, axis=1)
         worst = int(np.argmax(np.abs(norms - 1.0)))
-        if abs(norms[worst] - 1.0) > _UNIT_NORM_TOLERANCE:
+        if abs(norms[worst] - 1.0) > UNIT_NORM_TOLERANCE:
             raise BlocklistError(f"embedding {worst} has L2 norm {norms[worst]:.4f}; every vector must be unit-norm")
 
 

@@ -18,13 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from .blocklist import DEFAULT_THRESHOLD, Blocklist, check_threshold
+from .blocklist import DEFAULT_THRESHOLD, UNIT_NORM_TOLERANCE, Blocklist, check_threshold
 from .embedders import Embedder
 from .errors import GuardrailError, ImageDecodeError, UsageError
 from .images import load_image
 from .sources import Item, iter_items, source_kind
-
-_NORM_TOLERANCE = 1e-2
 
 
 class BuildError(GuardrailError):
@@ -284,7 +282,7 @@ class _Preparer:
         if vector.shape != (self.dim,):
             return _Prepared(item, skip=f"bad vector: shape {vector.shape}, expected ({self.dim},)")
         norm = float(np.linalg.norm(vector))
-        if not np.isfinite(vector).all() or abs(norm - 1.0) > _NORM_TOLERANCE:
+        if not np.isfinite(vector).all() or abs(norm - 1.0) > UNIT_NORM_TOLERANCE:
             return _Prepared(item, skip=f"bad vector: not finite and unit-norm (norm {norm:.4f})")
         return _Prepared(item, vector=(vector / norm).astype(np.float32))
 

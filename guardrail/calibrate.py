@@ -250,8 +250,8 @@ def calibrate(
         target_fpr=target_fpr,
         fpr_resolution=resolution,
         copies_per_image=copies_per_image,
-        scores={"negatives": _summary(negative_scores),
-                "positives": {family: _summary(np.array(scores)) for family, scores in family_scores.items()}},
+        scores={"negatives": score_summary(negative_scores),
+                "positives": {family: score_summary(np.array(scores)) for family, scores in family_scores.items()}},
         skipped=skipped,
         notes=notes,
     )
@@ -270,7 +270,10 @@ def _smallest_threshold(negative_scores: np.ndarray, target_fpr: float) -> float
     return threshold
 
 
-def _summary(scores: np.ndarray) -> dict[str, float]:
+def score_summary(scores: Sequence[float] | np.ndarray) -> dict[str, float] | None:
+    """`{min, median, max}` of cosine scores, or None when there are none."""
+    if len(scores) == 0:
+        return None
     return {"min": float(np.min(scores)), "median": float(np.median(scores)), "max": float(np.max(scores))}
 
 

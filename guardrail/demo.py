@@ -23,12 +23,12 @@ import argparse
 import json
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .calibrate import score_summary
 from .embedders import BUNDLED_CONFIGS
 from .errors import GuardrailError, UsageError
 
@@ -306,8 +306,8 @@ def _run(
             "seconds": round(timings["guarded_s"], 3),
         },
         "scores": {
-            "first_attempt_copies": _summary([s["unguarded"]["score"] for s in copies_first]),
-            "first_attempt_clean": _summary([s["unguarded"]["score"] for s in clean_first]),
+            "first_attempt_copies": score_summary([s["unguarded"]["score"] for s in copies_first]),
+            "first_attempt_clean": score_summary([s["unguarded"]["score"] for s in clean_first]),
         },
         "timings": {key: round(value, 3) for key, value in timings.items()},
         "slots": slots,
@@ -318,12 +318,6 @@ def _run(
     if verbose:
         print(format_table(result, out))
     return result
-
-
-def _summary(values: Sequence[float]) -> dict | None:
-    if not values:
-        return None
-    return {"min": float(np.min(values)), "median": float(np.median(values)), "max": float(np.max(values))}
 
 
 def format_table(result: dict, out: Path) -> str:
