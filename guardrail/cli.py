@@ -98,6 +98,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from .build import BuildError, build_blocklist
     from .embedders import OpenCLIPEmbedder, open_clip_spec
     from .index import BlocklistIndex
+    from .index import choose_kind as choose_index_kind
     from .sources import source_kind
 
     precomputed_only = all(source_kind(source) == "embeddings" for source in args.sources)
@@ -123,9 +124,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         if args.report:
             _write_json_atomically(args.report, {**error.report, "output": None, "error": str(error)})
         raise
-    index = BlocklistIndex.from_blocklist(blocklist, kind=args.index)
-    if not index.exact:  # store the trained index: loading a large blocklist then needs no training
-        blocklist.attach_index(index)
+    kind = choose_index_kind(len(blocklist), blocklist.dim) if args.index == "auto" else args.index
+    if kind != "flat":  # store the trained index: loading a large blocklist then needs no training
+        blocklist.attach_index(BlocklistIndex.from_blocklist(blocklist, kind=kind))
     blocklist.save(args.output, dtype="float16" if args.float16 else "float32")
     report = {**blocklist.build_report, "output": args.output}
     if args.report:

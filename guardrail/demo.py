@@ -50,8 +50,6 @@ def demo_embedder(model: str | None = None, pretrained: str | os.PathLike | None
     """The demo's embedder: the bundled tiny open_clip model by default, or `model` with `pretrained`."""
     from .embedders import OpenCLIPEmbedder
 
-    if (model is None) != (pretrained is None):
-        raise UsageError("pass --model and --pretrained together (or neither, for the bundled tiny embedder)")
     if model is None:
         return OpenCLIPEmbedder(DEMO_EMBEDDER_MODEL, pretrained=DEMO_EMBEDDER_WEIGHTS, batch_size=64)
     return OpenCLIPEmbedder(model, pretrained=pretrained)

@@ -76,3 +76,12 @@ def memorized_blocklist(unguarded, embedder):
 @pytest.fixture(scope="session")
 def guard(memorized_blocklist, embedder):
     return Guard(memorized_blocklist, embedder)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: on a small shared machine two threads ran these models several times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

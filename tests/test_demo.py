@@ -16,13 +16,7 @@ from guardrail.memorizing import ClassConditionalPipeline, load_memorizing_pipel
 STEPS = 10  # fewer DDIM steps than the demo's 25 keep the tests fast; the model still returns its photos
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One thread: on a small shared machine, two torch threads ran this model several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
