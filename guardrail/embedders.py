@@ -180,6 +180,22 @@ class OpenCLIPEmbedder:
     def device(self) -> str:
         return str(self._device)
 
+    def to(self, device: Any = None, dtype: Any = None) -> "OpenCLIPEmbedder":
+        """Move the model, as `pipe.to` moves a pipeline's components; returns the embedder.
+
+        Half precision (float16, bfloat16) is taken on a GPU only: on the CPU the model stays in float32, where
+        half-precision kernels are slow or missing.
+        """
+        torch = self._torch
+        device = self._device if device is None else torch.device(device)
+        dtype = self._dtype if dtype is None else dtype
+        if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32
+        self._model.to(device=device, dtype=dtype)
+        self._device, self._dtype = device, dtype
+        self.spec["precision"] = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+        return self
+
     def _output_dim(self) -> int:
         size = self._model.visual.preprocess_cfg["size"]
         height, width = size if isinstance(size, (list, tuple)) else (size, size)

@@ -32,8 +32,13 @@ class ImageDecodeError(GuardrailError, ValueError):
 
 
 class ResampleExhaustedError(GuardrailError):
-    """Every resample attempt still matched the blocklist, and `on_exhausted="raise"` was asked for."""
+    """Every resample attempt still matched the blocklist, and `on_exhausted="raise"` was asked for.
 
-    def __init__(self, message: str, report: object = None) -> None:
+    `report` is the call's `GuardReport`; `output` is the pipeline output the call would have returned with
+    `on_exhausted="black"` (the exhausted slots black, every other slot's image kept), so no clean image is lost.
+    """
+
+    def __init__(self, message: str, report: object = None, output: object = None) -> None:
         super().__init__(message)
         self.report = report
+        self.output = output

@@ -14,7 +14,7 @@ import threading
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -150,6 +150,23 @@ class Guard:
     @property
     def threshold(self) -> float:
         return self._snapshot.threshold
+
+    def to(self, device: Any, dtype: Any = None) -> "Guard":
+        """Follow a pipeline to `device` (and `dtype`): the embedder moves, and the index moves to a GPU when faiss
+        has GPU support (back to the CPU otherwise). Returns the guard."""
+        move_embedder = getattr(self.embedder, "to", None)
+        if callable(move_embedder):
+            move_embedder(device, dtype=dtype)
+        index_device = _default_index_device(self.embedder)
+        if index_device != self.index_device:
+            self.index_device = index_device
+            with self._lock:
+                snapshot = self._snapshot
+            index = BlocklistIndex.from_blocklist(snapshot.blocklist, kind=self.index_kind, device=index_device)
+            with self._lock:
+                if self._snapshot.blocklist is snapshot.blocklist:  # else a swap built its index on the new device
+                    self._snapshot = self._snapshot._replace(index=index)
+        return self
 
     def __repr__(self) -> str:
         return f"Guard({self.blocklist!r}, {self.embedder!r}, threshold={self.threshold})"

@@ -40,11 +40,23 @@ def test_resample_keeps_unmatched_images_bit_identical(sd_pipe, guard, unguarded
 
 
 def test_resampled_slot_equals_a_single_image_run_with_the_derived_seed(sd_pipe, guard):
-    from guardrail.pipeline import _derived_generator
+    from guardrail.pipeline import retry_generator
 
     out = run(GuardedPipeline(sd_pipe, guard), prompt=PROMPT, num_images_per_prompt=4, generator=generators(range(4)))
-    alone = run(sd_pipe, prompt=PROMPT, generator=[_derived_generator(generators(range(4)), 1, 2)]).images[0]
+    advanced = generators(range(4))  # the retry seed comes from the state the caller's batch left the generator in
+    run(sd_pipe, prompt=PROMPT, num_images_per_prompt=4, generator=advanced)
+    alone = run(sd_pipe, prompt=PROMPT, generator=[retry_generator(advanced, 1, 2)]).images[0]
     assert np.array_equal(pixels(out.images[1]), pixels(alone))
+
+
+def test_a_generator_reused_across_calls_gets_new_retry_noise_each_call(sd_pipe, embedder, unguarded):
+    guarded = GuardedPipeline(sd_pipe, always_matching_guard(embedder, unguarded[0]), max_attempts=2,
+                              on_exhausted="keep")
+    shared = torch.Generator().manual_seed(0)
+    first = run(guarded, prompt=PROMPT, generator=shared)
+    second = run(guarded, prompt=PROMPT, generator=shared)
+    assert first.guardrail.attempts == second.guardrail.attempts == [2]
+    assert not np.array_equal(pixels(first.images[0]), pixels(second.images[0]))
 
 
 def test_guarded_calls_are_deterministic(sd_pipe, guard):
@@ -165,6 +177,7 @@ def test_exhausted_slots_raise_or_are_kept_when_asked(sd_pipe, embedder, unguard
         run(GuardedPipeline(sd_pipe, guard, max_attempts=2, on_exhausted="raise"), prompt=PROMPT,
             generator=generators([0]))
     assert raised.value.report.exhausted == [True]
+    assert pixels(raised.value.output.images[0]).max() == 0, "the exhausted slot is never handed out"
     kept = run(GuardedPipeline(sd_pipe, guard, max_attempts=3, on_exhausted="keep"), prompt=PROMPT,
                generator=generators([0]))
     assert kept.guardrail.attempts == [3] and kept.guardrail.exhausted == [True]
@@ -253,19 +266,128 @@ class FirstAttemptGuard:
 
 @pytest.mark.parametrize("return_dict", [True, False])
 def test_resampled_slots_take_the_retrys_per_image_fields_too(return_dict):
-    from guardrail.pipeline import _derived_generator
+    from guardrail.pipeline import retry_generator
 
     guarded = GuardedPipeline(FlaggingPipeline(), FirstAttemptGuard())
     out = guarded("p", num_images_per_prompt=2, generator=generators([0, 3]), return_dict=return_dict)
     images, flags = (out.images, out.nsfw_content_detected) if return_dict else out
-    retry_seed = _derived_generator(generators([0, 3]), 0, 2).initial_seed()
+    retry_seed = retry_generator(generators([0, 3]), 0, 2).initial_seed()
     assert out.guardrail.attempts == [2, 1]
     assert flags == [retry_seed % 2 == 1, True], "slot 0's flag is the retry's, slot 1's is untouched"
 
 
 def test_a_single_chw_conditioning_image_is_not_sliced():
-    from guardrail.pipeline import _take
+    from guardrail.batching import select_rows
 
     single = torch.zeros(3, 8, 8)
-    assert _take(single, [0, 0], items=3, min_ndim=4) is single
-    assert _take(torch.zeros(3, 3, 8, 8), [2], items=3, min_ndim=4).shape == (1, 3, 8, 8)
+    assert select_rows(single, [0, 0], items=3, min_ndim=4) is single
+    assert select_rows(torch.zeros(3, 3, 8, 8), [2], items=3, min_ndim=4).shape == (1, 3, 8, 8)
+
+
+def test_raise_keeps_the_clean_slots_images_on_the_error(sd_pipe, embedder, unguarded):
+    # Only slot 1's image is blocklisted, with a guard that keeps matching it: every retry of slot 1 "matches".
+    class StickyGuard:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def check(self, images):
+            verdicts = self.inner.check(images)
+            return [v if len(images) == 4 else type(v)(True, v.score, "seed-1", None) for v in verdicts]
+
+    inner = Guard(Blocklist.from_images([unguarded[1]], embedder, threshold=TEST_THRESHOLD), embedder)
+    with pytest.raises(ResampleExhaustedError) as raised:
+        run(GuardedPipeline(sd_pipe, StickyGuard(inner), max_attempts=2, on_exhausted="raise"), prompt=PROMPT,
+            num_images_per_prompt=4, generator=generators(range(4)))
+    images = raised.value.output.images
+    assert raised.value.report.exhausted == [False, True, False, False]
+    assert pixels(images[1]).max() == 0
+    for slot in (0, 2, 3):
+        assert np.array_equal(pixels(images[slot]), pixels(unguarded[slot]))
+
+
+@pytest.mark.parametrize("output_type", ["np", "pt"])
+def test_resample_with_array_and_tensor_output(sd_pipe, guard, unguarded, output_type):
+    plain = run(sd_pipe, prompt=PROMPT, num_images_per_prompt=4, generator=generators(range(4)), output_type=output_type)
+    out = run(GuardedPipeline(sd_pipe, guard), prompt=PROMPT, num_images_per_prompt=4, generator=generators(range(4)),
+              output_type=output_type)
+    assert type(out.images) is type(plain.images)
+    assert out.guardrail.attempts == [1, 2, 1, 1] and not any(out.guardrail.matched)
+    got, want = np.asarray(out.images), np.asarray(plain.images)
+    assert not np.array_equal(got[1], want[1])
+    assert np.array_equal(got[[0, 2, 3]], want[[0, 2, 3]])
+
+
+def test_per_call_overrides_change_only_that_call(sd_pipe, guard):
+    guarded = GuardedPipeline(sd_pipe, guard)
+    flagged = run(guarded, prompt=PROMPT, num_images_per_prompt=4, generator=generators(range(4)),
+                  guardrail_action="flag")
+    assert flagged.guardrail.action == "flag" and flagged.guardrail.attempts == [1, 1, 1, 1]
+    assert flagged.guardrail.matched == [False, True, False, False]
+    once = run(guarded, prompt=PROMPT, num_images_per_prompt=4, generator=generators(range(4)),
+               guardrail_max_attempts=1)
+    assert once.guardrail.exhausted == [False, True, False, False] and once.guardrail.blocked[1]
+    default = run(guarded, prompt=PROMPT, num_images_per_prompt=4, generator=generators(range(4)))
+    assert default.guardrail.action == "resample" and default.guardrail.attempts == [1, 2, 1, 1]
+    with pytest.raises(UsageError, match="guardrail_max_attempts"):
+        run(guarded, prompt=PROMPT, guardrail_max_attempts=0)
+
+
+def test_step_callbacks_see_every_generation_labelled_with_its_attempt(sd_pipe, guard):
+    seen = []
+
+    def callback(pipe, step, timestep, callback_kwargs):
+        seen.append((callback_kwargs["guardrail_attempt"], callback_kwargs["guardrail_slots"],
+                     callback_kwargs["latents"].shape[0]))
+        return {}
+
+    run(GuardedPipeline(sd_pipe, guard), prompt=PROMPT, num_images_per_prompt=4, generator=generators(range(4)),
+        callback_on_step_end=callback)
+    assert seen == [(1, None, 4)] * STEPS + [(2, [1], 1)] * STEPS
+
+
+def test_a_diffusers_pipeline_callback_keeps_its_tensor_inputs(sd_pipe, guard):
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    cutoff = SDCFGCutoffCallback(cutoff_step_ratio=0.5)  # needs prompt_embeds in callback_kwargs
+    out = run(GuardedPipeline(sd_pipe, guard), prompt=PROMPT, num_images_per_prompt=4, generator=generators(range(4)),
+              callback_on_step_end=cutoff, guidance_scale=7.5)
+    assert out.guardrail.attempts[1] >= 2
+
+
+def test_to_moves_the_guards_embedder_with_the_pipeline(weights_file):
+    from guardrail import OpenCLIPEmbedder
+    from guardrail.offline import tiny_stable_diffusion_pipeline
+
+    pipe = tiny_stable_diffusion_pipeline(seed=0)
+    embedder = OpenCLIPEmbedder("ViT-S-32", pretrained=weights_file, batch_size=8)
+    image = run(pipe, prompt=PROMPT, generator=generators([1])).images[0]
+    guarded = GuardedPipeline(pipe, Guard(Blocklist.from_images([image], embedder, threshold=0.99), embedder))
+    assert guarded.to(torch.float64) is guarded
+    assert next(embedder._model.parameters()).dtype == torch.float64 and pipe.dtype == torch.float64
+    assert guarded.guard.check([image])[0].score == pytest.approx(1.0, abs=1e-5)
+    guarded.to(torch.float16)  # half precision stays off the CPU
+    assert next(embedder._model.parameters()).dtype == torch.float32
+
+
+def test_save_pretrained_restores_the_whole_guarded_pipeline(sd_pipe, guard, embedder, tmp_path):
+    guarded = GuardedPipeline(sd_pipe, Guard(guard.blocklist, embedder, threshold=0.9999), action="reject",
+                              max_attempts=3)
+    guarded.save_pretrained(tmp_path / "guarded")
+    restored = GuardedPipeline.from_pretrained(tmp_path / "guarded", embedder=embedder, local_files_only=True)
+    restored.set_progress_bar_config(disable=True)
+    assert (restored.action, restored.max_attempts, restored.guard.threshold) == ("reject", 3, 0.9999)
+    assert [e["id"] for e in restored.guard.blocklist.entries] == [e["id"] for e in guard.blocklist.entries]
+    out = run(restored, prompt=PROMPT, num_images_per_prompt=4, generator=generators(range(4)))
+    assert out.guardrail.blocked == [False, True, False, False]
+
+
+def test_save_pretrained_refuses_a_guard_it_cannot_save(sd_pipe, tmp_path):
+    with pytest.raises(UsageError, match="save the pipeline with .pipe.save_pretrained"):
+        GuardedPipeline(sd_pipe, FirstAttemptGuard()).save_pretrained(tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_from_pretrained_without_a_blocklist_names_the_argument(sd_pipe, tmp_path):
+    sd_pipe.save_pretrained(tmp_path / "plain")
+    with pytest.raises(UsageError, match="blocklist is required"):
+        GuardedPipeline.from_pretrained(tmp_path / "plain", local_files_only=True)
