@@ -2,11 +2,13 @@
 
 A `Blocklist` holds embeddings of images that must not be reproduced; a `Guard` embeds generated images with
 open_clip and looks them up with faiss; a `GuardedPipeline` wraps any diffusers pipeline and resamples, rejects
-or flags matches. Heavy libraries (torch, open_clip, diffusers, faiss) are imported only when first used.
+or flags matches; `calibrate` picks a blocklist's threshold from measured copies and non-copies. Heavy libraries
+(torch, open_clip, diffusers, faiss) are imported only when first used, so `import guardrail` costs numpy and PIL.
 """
 
 from .blocklist import DEFAULT_THRESHOLD, Blocklist
 from .build import BuildError, build_blocklist, merge_blocklists
+from .calibration import CalibrationResult, calibrate
 from .embedders import Embedder, OpenCLIPEmbedder, embedder_from_spec
 from .errors import (
     BlocklistError,
@@ -17,6 +19,7 @@ from .errors import (
     UsageError,
 )
 from .guard import Guard, Verdict
+from .images import load_image
 from .index import BlocklistIndex
 from .pipeline import GuardedPipeline, GuardReport
 
@@ -28,6 +31,7 @@ __all__ = [
     "BlocklistError",
     "BlocklistIndex",
     "BuildError",
+    "CalibrationResult",
     "Embedder",
     "EmbedderMismatchError",
     "Guard",
@@ -40,6 +44,8 @@ __all__ = [
     "UsageError",
     "Verdict",
     "build_blocklist",
+    "calibrate",
     "embedder_from_spec",
+    "load_image",
     "merge_blocklists",
 ]

@@ -1,6 +1,8 @@
 """The `guardrail` command: one function per verb, errors mapped to exit codes (1 error, 2 usage error).
 
-Heavy libraries are imported inside the verbs, so `guardrail --help` stays fast.
+Every verb's argparse code lives here, and no library module imports this one: the library stays usable without
+the command, and there is no import cycle back into it. Heavy libraries are imported inside the verbs, so
+`guardrail --help` stays fast.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import threading
 from collections.abc import Sequence
 
 from .blocklist import DEFAULT_THRESHOLD
-from .errors import GuardrailError
+from .errors import GuardrailError, UsageError
 from .index import KINDS as INDEX_KINDS
 
 
@@ -152,17 +154,145 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the offline demo (`guardrail.demo.run_demo`) and write report.json and grid.png to `--out`."""
+    from .demo import run_demo
+
+    run_demo(
+        args.out,
+        samples=args.samples,
+        model=args.model,
+        pretrained=args.pretrained,
+        seed=args.seed,
+        steps=args.steps,
+        threshold=args.threshold,
+        threads=args.threads,
+    )
+    return 0
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `guardrail demo` (CI reads its report.json: keep the flags)."""
+    parser.add_argument("--out", default="guardrail-demo", help="output folder (default: ./guardrail-demo)")
+    parser.add_argument("--samples", type=int, default=64, help="images per run (default: 64)")
+    parser.add_argument("--model", default=None, help="open_clip model name (default: the bundled tiny embedder)")
+    parser.add_argument("--pretrained", default=None, help="pretrained tag or weights file for --model")
+    parser.add_argument("--threshold", type=float, default=None, help="cosine match threshold")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the labels and generators (default: 0)")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default: 25)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Measure copies and non-copies, print the TPR table, and write the blocklist with the chosen threshold."""
+    from .blocklist import Blocklist
+    from .calibration import TRANSFORM_FAMILIES, calibrate
+    from .embedders import embedder_from_spec
+
+    blocklist = Blocklist.load(args.blocklist)
+    positives = _image_files(args.positives, "--positives") if args.positives else _entry_source_files(blocklist)
+    negatives = _image_files(args.negatives, "--negatives")
+    embedder = embedder_from_spec(blocklist.spec, pretrained=args.pretrained, device=args.device)
+    result = calibrate(blocklist, embedder, positives, negatives, target_fpr=args.target_fpr,
+                       copies_per_image=args.copies, seed=args.seed, on_error="skip",
+                       on_suspect=args.suspect_negatives)
+    _save_with_dtype_of(blocklist.with_threshold(result.threshold), args.blocklist, args.output)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "output": args.output}, indent=2))
+        return 0
+    print(result.table())
+    print(
+        f"wrote {args.output}: threshold {result.threshold:.6f} (was {blocklist.threshold}) at FPR {result.fpr:.4f} "
+        f"on {result.negatives} negatives (resolution {result.fpr_resolution:.4f}), TPR {result.tpr:.2f} over "
+        f"{result.positives} positives x {len(TRANSFORM_FAMILIES)} families x {result.copies_per_image} copies"
+    )
+    evading = [family for family, tpr in result.tpr_by_family.items() if tpr < 0.5]
+    if evading:
+        print(f"  copies made by {', '.join(evading)} mostly evade this embedder (TPR < 0.5)")
+    for suspect in result.suspect_negatives:
+        verb = "counted" if result.suspects_counted else "left out"
+        print(f"  suspect negative ({verb}): {suspect['negative']} scores {suspect['score']:.4f} to "
+              f"{suspect['entry_id']}")
+    for line in result.skipped:
+        print(f"  skipped {line}")
+    for note in result.notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `guardrail calibrate`."""
+    from .calibration import DEFAULT_COPIES_PER_IMAGE, SUSPECT_ACTIONS
+
+    parser.add_argument("-b", "--blocklist", required=True, metavar="FILE", help="the blocklist to calibrate")
+    parser.add_argument("--negatives", required=True, nargs="+", metavar="DIR",
+                        help="folders of images that are NOT in the blocklist (sets the false-positive rate)")
+    parser.add_argument("--positives", nargs="+", metavar="DIR",
+                        help="folders of the blocklisted images (default: the entries' source files, when they exist)")
+    parser.add_argument("--target-fpr", type=float, default=0.01,
+                        help="highest acceptable false-positive rate on the negatives (default 0.01)")
+    parser.add_argument("--copies", type=int, default=DEFAULT_COPIES_PER_IMAGE,
+                        help=f"transformed copies per image and family (default {DEFAULT_COPIES_PER_IMAGE})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random transforms (default 0)")
+    parser.add_argument("--suspect-negatives", choices=SUSPECT_ACTIONS, default="exclude",
+                        help="negatives scoring at or above the median transformed copy are probably copies: leave "
+                        "them out of the threshold (default), count them, or stop with an error")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.safetensors",
+                        help="where to write the blocklist with the chosen threshold")
+    add_embedder_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _image_files(folders: Sequence[str], flag: str) -> list[str]:
+    """Every image file under `folders`, sorted; a usage error naming `flag` when a folder is missing or empty."""
+    import os
+
+    from .sources import IMAGE_EXTENSIONS
+
+    paths = []
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise UsageError(f"{flag} {folder!r} is not a folder of images")
+        for root, _, names in os.walk(folder):
+            paths += [os.path.join(root, name) for name in sorted(names)
+                      if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
+    if not paths:
+        raise UsageError(f"{flag} {', '.join(folders)} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return sorted(paths)
+
+
+def _entry_source_files(blocklist) -> list[str]:
+    """The entries' `source` paths that exist here: calibrate's default positives."""
+    import os
+
+    sources = [entry.get("source") for entry in blocklist.entries]
+    present = [source for source in sources if isinstance(source, str) and os.path.isfile(source)]
+    if not present:
+        raise UsageError(
+            "none of the blocklist entries' source files exist here (they are not local files, or were moved); "
+            "pass the blocklisted images with --positives DIR"
+        )
+    return present
+
+
+def _save_with_dtype_of(blocklist, original: str, output: str) -> None:
+    """Save with the original file's vector dtype, so a float16 blocklist stays half the size."""
+    from safetensors import safe_open
+
+    with safe_open(original, framework="numpy") as stored:
+        dtype = "float16" if stored.get_slice("embeddings").get_dtype() == "F16" else "float32"
+    blocklist.save(output, dtype=dtype)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="guardrail", description="Stop diffusion models from returning copies of their training images."
     )
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    from . import demo as demo_module
-
     demo = verbs.add_parser("demo", help="watch the guard stop a memorizing model, offline, in about a minute")
-    demo_module.add_arguments(demo)
-    demo.set_defaults(run=demo_module.main)
+    add_demo_arguments(demo)
+    demo.set_defaults(run=cmd_demo)
 
     build = verbs.add_parser("build", help="build a blocklist from image folders, manifests, shards or embeddings")
     build.add_argument("sources", nargs="+", metavar="SOURCE",
@@ -207,23 +337,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_embedder_arguments(check)
     check.set_defaults(run=cmd_check)
 
-    from . import calibrate as calibrate_module
-
-    calibrate = verbs.add_parser("calibrate", help="choose a threshold from copies of the blocklisted images and known non-copies")
-    calibrate_module.add_arguments(calibrate)
-    calibrate.set_defaults(run=calibrate_module.main)
+    calibrate = verbs.add_parser(
+        "calibrate", help="choose a threshold from copies of the blocklisted images and known non-copies"
+    )
+    add_calibrate_arguments(calibrate)
+    calibrate.set_defaults(run=cmd_calibrate)
     return parser
 
 
 def _interrupt_on_sigterm():
     """Make `kill` behave like Ctrl-C, so atomic writes clean up their temp files; returns the previous handler."""
 
-    def handler(signum: int, frame: object) -> None:
+    def raise_keyboard_interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.signal(signal.SIGTERM, handler)
+    return signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,18 +19,26 @@ pooling, 128-d). Its weights file holds seeded random weights, written by
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .calibrate import score_summary
 from .embedders import BUNDLED_CONFIGS
 from .errors import GuardrailError, UsageError
+from .scores import score_summary
+
+if TYPE_CHECKING:
+    from .blocklist import Blocklist
+    from .embedders import Embedder
+    from .guard import Guard, Verdict
+    from .pipeline import GuardReport
 
 DEMO_EMBEDDER_MODEL = "guardrail-tiny-vit"
 DEMO_EMBEDDER_WEIGHTS = BUNDLED_CONFIGS / "guardrail-tiny-vit-seed0.safetensors"
@@ -181,94 +189,42 @@ def _run(
     verbose: bool,
     started: float,
 ) -> dict:
+    """The demo's steps in order, each timed: load, blocklist, generate twice, score the slots, report."""
     import torch
 
-    from .blocklist import DEFAULT_THRESHOLD, Blocklist
+    from .blocklist import DEFAULT_THRESHOLD
     from .guard import Guard
     from .memorizing import MODEL_DIR, load_memorizing_pipeline, training_images
-    from .pipeline import GuardedPipeline
 
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-
-    tick = time.perf_counter()
-    pipe = load_memorizing_pipeline()
-    train = training_images()
-    timings["load_model_s"] = time.perf_counter() - tick
-
-    tick = time.perf_counter()
-    embedder = demo_embedder(model, pretrained)
+    with _timed(timings, "load_model_s"):
+        pipe = load_memorizing_pipeline()
+        train = training_images()
+    with _timed(timings, "load_embedder_s"):
+        embedder = demo_embedder(model, pretrained)
     if threshold is None:
         threshold = DEMO_THRESHOLD if model is None else DEFAULT_THRESHOLD
-    timings["load_embedder_s"] = time.perf_counter() - tick
-
-    # The "images we must not reproduce": every other training photo.
-    blocked_train = [(label, name, image) for label, name, image in train if label % 2 == 0]
-    blocked_labels = {label for label, _, _ in blocked_train}
-    tick = time.perf_counter()
-    blocklist = Blocklist.from_images(
-        [image for _, _, image in blocked_train],
-        embedder,
-        entries=[{"id": f"{label:02d}-{name}", "caption": name, "label": label} for label, name, _ in blocked_train],
-        threshold=threshold,
-    )
-    guard = Guard(blocklist, embedder)
-    timings["build_blocklist_s"] = time.perf_counter() - tick
-    blocked_photos = _as_unit_float([image for _, _, image in blocked_train])
+    with _timed(timings, "build_blocklist_s"):
+        blocklisted = blocklist_photos(
+            [(f"{label:02d}-{name}", name, image, {"label": label}) for label, name, image in train if label % 2 == 0],
+            embedder,
+            threshold,
+        )
+        guard = Guard(blocklisted.blocklist, embedder)
 
     labels = spread_labels(samples, len(train), seed)
     seeds = slot_seeds(samples, seed)
     call = {"class_labels": labels, "num_inference_steps": steps, "output_type": "np"}
-
-    tick = time.perf_counter()
-    unguarded = pipe(generator=[torch.Generator().manual_seed(s) for s in seeds], **call).images
-    timings["unguarded_s"] = time.perf_counter() - tick
+    with _timed(timings, "unguarded_s"):
+        unguarded = generate_unguarded(pipe, seeds, call)
     first_verdicts = guard.check(unguarded)  # for the report only: what the guard says about each first image
+    with _timed(timings, "guarded_s"):
+        guarded, guard_report = generate_guarded(pipe, guard, seeds, call)
+    check_first_attempts_unchanged(unguarded, guarded, guard_report)
 
-    guarded_pipe = GuardedPipeline(pipe, guard, action="resample", max_attempts=MAX_ATTEMPTS, on_exhausted="black")
-    tick = time.perf_counter()
-    output = guarded_pipe(generator=[torch.Generator().manual_seed(s) for s in seeds], **call)
-    timings["guarded_s"] = time.perf_counter() - tick
-    guarded, report = output.images, output.guardrail
-
-    slots = []
-    for slot in range(samples):
-        before = tiled_distance(unguarded[slot], blocked_photos)
-        after = tiled_distance(guarded[slot], blocked_photos)
-        first, final = first_verdicts[slot], report.verdicts[slot]
-        if report.attempts[slot] == 1 and not np.array_equal(guarded[slot], unguarded[slot]):
-            raise GuardrailError(f"slot {slot}: the guarded first attempt differs from the unguarded image")
-        slots.append(
-            {
-                "slot": slot,
-                "label": labels[slot],
-                "name": train[labels[slot]][1],
-                "label_blocklisted": labels[slot] in blocked_labels,
-                "seed": seeds[slot],
-                "unguarded": {
-                    "near_copy_of_blocklisted": bool(before.min() <= NEAR_COPY_DISTANCE),
-                    "tiled_distance": float(before.min()),
-                    "nearest_blocklisted": blocked_train[int(before.argmin())][1],
-                    "score": first.score,
-                    "entry_id": first.entry_id,
-                    "matched": first.matched,
-                },
-                "guarded": {
-                    "near_copy_of_blocklisted": bool(after.min() <= NEAR_COPY_DISTANCE),
-                    "tiled_distance": float(after.min()),
-                    "score": final.score,
-                    "entry_id": final.entry_id,
-                    "matched": final.matched,
-                    "attempts": report.attempts[slot],
-                    "resampled": report.attempts[slot] > 1,
-                    "blocked": report.blocked[slot],
-                    "exhausted": report.exhausted[slot],
-                },
-            }
-        )
-
-    clean_first = [s for s in slots if not s["unguarded"]["near_copy_of_blocklisted"]]
-    copies_first = [s for s in slots if s["unguarded"]["near_copy_of_blocklisted"]]
+    facts = class_label_slot_facts(labels, seeds, [name for _, name, _ in train], blocklisted.blocklist)
+    slots = score_slots(facts, unguarded, first_verdicts, guarded, guard_report, blocklisted)
     result = {
         "samples": samples,
         "seed": seed,
@@ -279,13 +235,160 @@ def _run(
             "checkpoint": os.path.relpath(MODEL_DIR, Path(__file__).resolve().parent.parent),
             "classes": len(train),
         },
-        "blocklist": {"count": len(blocklist), "ids": [entry["id"] for entry in blocklist.entries]},
+        "blocklist": {"count": len(blocklisted.blocklist), "ids": [e["id"] for e in blocklisted.blocklist.entries]},
         "embedder": embedder.spec,
         "threshold": guard.threshold,
         "near_copy": {
             "measure": "Carlini et al. 2023 tiled distance: max over a 4x4 grid of per-tile RMSE, [0, 1] pixels",
             "max_distance": NEAR_COPY_DISTANCE,
         },
+        **summarize_slots(slots, guard_report, timings),
+        "timings": {key: round(value, 3) for key, value in timings.items()},
+        "slots": slots,
+    }
+    result["timings"]["total_s"] = round(time.perf_counter() - started, 3)
+    write_outputs(out, result, unguarded, guarded, blocklisted)
+    if verbose:
+        print(format_table(result, out))
+    return result
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Record the wall time of the block under `timings[key]`, in seconds."""
+    tick = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - tick
+
+
+@dataclass
+class BlocklistedPhotos:
+    """The training photos a demo forbids: their blocklist, their names, and their pixels.
+
+    The pixels are kept beside the vectors because the demo counts copies independently of the embedder, with the
+    tiled distance on pixels.
+    """
+
+    blocklist: Blocklist
+    names: list[str]
+    images: list[Any]
+    pixels: np.ndarray  # (M, H, W, C) float32 in [0, 1]
+
+    def nearest(self, image: Any) -> tuple[float, str]:
+        """(tiled distance, name) of the blocklisted photo closest to `image` in pixels."""
+        distances = tiled_distance(image, self.pixels)
+        return float(distances.min()), self.names[int(distances.argmin())]
+
+
+def blocklist_photos(
+    photos: Sequence[tuple[str, str, Any, dict]], embedder: Embedder, threshold: float
+) -> BlocklistedPhotos:
+    """Blocklist `photos`, each `(entry id, caption, image, extra record fields)`, at `threshold`."""
+    from .blocklist import Blocklist
+
+    blocklist = Blocklist.from_images(
+        [image for _, _, image, _ in photos],
+        embedder,
+        entries=[{"id": entry_id, "caption": caption, **extra} for entry_id, caption, _, extra in photos],
+        threshold=threshold,
+    )
+    images = [image for _, _, image, _ in photos]
+    return BlocklistedPhotos(blocklist, [caption for _, caption, _, _ in photos], images, _as_unit_float(images))
+
+
+def per_slot_generators(seeds: Sequence[int]) -> list[Any]:  # -> list[torch.Generator]
+    """One CPU generator per slot: a slot's image then depends on its seed alone, not on the batch around it."""
+    import torch
+
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+
+def generate_unguarded(pipe: Any, seeds: Sequence[int], call: dict) -> np.ndarray:
+    """The plain pipeline's images for `call`, one generator per slot (`output_type="np"` in `call`)."""
+    return pipe(generator=per_slot_generators(seeds), **call).images
+
+
+def generate_guarded(
+    pipe: Any, guard: Guard, seeds: Sequence[int], call: dict, max_attempts: int = MAX_ATTEMPTS
+) -> tuple[np.ndarray, GuardReport]:
+    """The same call through `GuardedPipeline` (resample, then black): its images and its `GuardReport`."""
+    from .pipeline import GuardedPipeline
+
+    guarded_pipe = GuardedPipeline(pipe, guard, action="resample", max_attempts=max_attempts, on_exhausted="black")
+    output = guarded_pipe(generator=per_slot_generators(seeds), **call)
+    return output.images, output.guardrail
+
+
+def check_first_attempts_unchanged(unguarded: np.ndarray, guarded: np.ndarray, report: GuardReport) -> None:
+    """Raise when a slot the guard let through at once differs from the plain run: the comparison would be unfair."""
+    for slot, attempts in enumerate(report.attempts):
+        if attempts == 1 and not np.array_equal(guarded[slot], unguarded[slot]):
+            raise GuardrailError(f"slot {slot}: the guarded first attempt differs from the unguarded image")
+
+
+def class_label_slot_facts(
+    labels: Sequence[int], seeds: Sequence[int], names: Sequence[str], blocklist: Blocklist
+) -> list[dict]:
+    """What each slot of a class-conditional run asked for: its label, the label's photo name, whether that photo is
+    blocklisted (entries carry a `label` field), and the slot's seed."""
+    blocked_labels = {entry.get("label") for entry in blocklist.entries}
+    return [
+        {"slot": slot, "label": label, "name": names[label], "label_blocklisted": label in blocked_labels,
+         "seed": slot_seed}
+        for slot, (label, slot_seed) in enumerate(zip(labels, seeds))
+    ]
+
+
+def score_slots(
+    facts: Sequence[dict],
+    unguarded: np.ndarray,
+    first_verdicts: Sequence[Verdict],
+    guarded: np.ndarray,
+    report: GuardReport,
+    blocklisted: BlocklistedPhotos,
+) -> list[dict]:
+    """One record per slot: `facts[slot]` (what the model was asked), then what each run returned.
+
+    Each run gets the independent measure (tiled distance to the nearest blocklisted photo, near-copy or not) next
+    to what the guard said (score, entry, match); the guarded run adds its attempts and outcome.
+    """
+    slots = []
+    for slot, slot_facts in enumerate(facts):
+        before, nearest = blocklisted.nearest(unguarded[slot])
+        after, _ = blocklisted.nearest(guarded[slot])
+        first, final = first_verdicts[slot], report.verdicts[slot]
+        slots.append(
+            {
+                **slot_facts,
+                "unguarded": {
+                    "near_copy_of_blocklisted": before <= NEAR_COPY_DISTANCE,
+                    "tiled_distance": before,
+                    "nearest_blocklisted": nearest,
+                    "score": first.score,
+                    "entry_id": first.entry_id,
+                    "matched": first.matched,
+                },
+                "guarded": {
+                    "near_copy_of_blocklisted": after <= NEAR_COPY_DISTANCE,
+                    "tiled_distance": after,
+                    "score": final.score,
+                    "entry_id": final.entry_id,
+                    "matched": final.matched,
+                    "attempts": report.attempts[slot],
+                    "resampled": report.attempts[slot] > 1,
+                    "blocked": report.blocked[slot],
+                    "exhausted": report.exhausted[slot],
+                },
+            }
+        )
+    return slots
+
+
+def summarize_slots(slots: Sequence[dict], report: GuardReport, timings: dict[str, float]) -> dict:
+    """The report's `unguarded`, `guarded` and `scores` sections: counts over the slots, and each run's seconds."""
+    clean_first = [s for s in slots if not s["unguarded"]["near_copy_of_blocklisted"]]
+    copies_first = [s for s in slots if s["unguarded"]["near_copy_of_blocklisted"]]
+    return {
         "unguarded": {
             "near_copies_of_blocklisted": len(copies_first),
             "guard_would_match": sum(s["unguarded"]["matched"] for s in slots),
@@ -307,15 +410,15 @@ def _run(
             "first_attempt_copies": score_summary([s["unguarded"]["score"] for s in copies_first]),
             "first_attempt_clean": score_summary([s["unguarded"]["score"] for s in clean_first]),
         },
-        "timings": {key: round(value, 3) for key, value in timings.items()},
-        "slots": slots,
     }
-    result["timings"]["total_s"] = round(time.perf_counter() - started, 3)
+
+
+def write_outputs(
+    out: Path, result: dict, unguarded: np.ndarray, guarded: np.ndarray, blocklisted: BlocklistedPhotos
+) -> None:
+    """Write `out/report.json` and `out/grid.png`."""
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    write_grid(out / "grid.png", unguarded, guarded, slots, [(name, image) for _, name, image in blocked_train])
-    if verbose:
-        print(format_table(result, out))
-    return result
+    write_grid(out / "grid.png", unguarded, guarded, result["slots"], list(zip(blocklisted.names, blocklisted.images)))
 
 
 def format_table(result: dict, out: Path) -> str:
@@ -332,12 +435,12 @@ def format_table(result: dict, out: Path) -> str:
         f"{NEAR_COPY_DISTANCE} to a blocklisted photo",
         "",
         f"{'':42}{'unguarded':>12}{'guarded':>12}",
-        f"{'near-copies of blocklisted photos':42}{_of(unguarded['near_copies_of_blocklisted'], n):>12}"
-        f"{_of(guarded['near_copies_of_blocklisted'], n):>12}",
-        f"{'resampled slots':42}{'-':>12}{_of(guarded['resampled'], n):>12}",
-        f"{'exhausted slots (returned black)':42}{'-':>12}{_of(guarded['exhausted'], n):>12}",
+        f"{'near-copies of blocklisted photos':42}{_out_of(unguarded['near_copies_of_blocklisted'], n):>12}"
+        f"{_out_of(guarded['near_copies_of_blocklisted'], n):>12}",
+        f"{'resampled slots':42}{'-':>12}{_out_of(guarded['resampled'], n):>12}",
+        f"{'exhausted slots (returned black)':42}{'-':>12}{_out_of(guarded['exhausted'], n):>12}",
         f"{'false resamples (of first-attempt-clean)':42}{'-':>12}"
-        f"{_of(guarded['false_resamples'], guarded['first_attempt_clean']):>12}",
+        f"{_out_of(guarded['false_resamples'], guarded['first_attempt_clean']):>12}",
         f"{'images generated':42}{n:>12}{guarded['generations']:>12}",
         f"{'wall time':42}{unguarded['seconds']:>11.1f}s{guarded['seconds']:>11.1f}s",
         "",
@@ -351,7 +454,8 @@ def format_table(result: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def _of(count: int, total: int) -> str:
+def _out_of(count: int, total: int) -> str:
+    """`"count/total"`, the table's way to show a count with what it is out of."""
     return f"{count}/{total}"
 
 
@@ -421,31 +525,3 @@ def _upscaled(image: Any, size: int):
             array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
         image = Image.fromarray(array)
     return image.convert("RGB").resize((size, size), Image.NEAREST)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the `guardrail demo` options to `parser`."""
-    parser.add_argument("--out", default="guardrail-demo", help="output folder (default: ./guardrail-demo)")
-    parser.add_argument("--samples", type=int, default=64, help="images per run (default: 64)")
-    parser.add_argument("--model", default=None, help="open_clip model name (default: the bundled tiny embedder)")
-    parser.add_argument("--pretrained", default=None, help="pretrained tag or weights file for --model")
-    parser.add_argument("--threshold", type=float, default=None, help="cosine match threshold")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the labels and generators (default: 0)")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default: 25)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
-    return parser
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run `guardrail demo` from parsed arguments; returns the exit code (errors raise `GuardrailError`)."""
-    run_demo(
-        args.out,
-        samples=args.samples,
-        model=args.model,
-        pretrained=args.pretrained,
-        seed=args.seed,
-        steps=args.steps,
-        threshold=getattr(args, "threshold", None),
-        threads=getattr(args, "threads", 1),
-    )
-    return 0

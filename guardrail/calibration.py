@@ -5,13 +5,19 @@ rotation, and pairs of those); non-copies are images the caller knows are not in
 smallest cosine whose false-positive rate on the non-copies is at most the target, and the true-positive rate it
 gives is reported per transform family, so a family the embedder cannot see through shows up as a low number
 instead of hiding in an average.
+
+Negatives that score at or above the median transformed copy are flagged as suspect: by the embedder's own measure
+they are closer to an entry than half of the real copies are, so they are most likely copies that slipped into the
+negatives (memorized images are the heavily duplicated ones, so a scraped negatives folder often holds some). Left
+in, a single one at cosine 0.9999 would lift the threshold above almost every copy. By default they are left out
+of the threshold and reported; `on_suspect` chooses otherwise.
+
+The `guardrail calibrate` verb lives in `guardrail.cli`; this module never parses arguments.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import math
 import os
 import random
@@ -25,10 +31,12 @@ from .blocklist import Blocklist
 from .embedders import Embedder
 from .errors import ImageDecodeError, UsageError
 from .images import ImageInput, to_pil_images
+from .scores import score_summary
 
 Transform = Callable[[Image.Image, random.Random], Image.Image]
 
 DEFAULT_COPIES_PER_IMAGE = 3
+SUSPECT_ACTIONS = ("exclude", "keep", "raise")
 _BATCH = 32
 
 
@@ -108,17 +116,22 @@ class CalibrationResult:
     """What `calibrate` measured and chose.
 
     Attributes:
-        threshold: the smallest cosine whose false-positive rate on the negatives is at most `target_fpr`.
-        fpr: the false-positive rate on the negatives at `threshold`.
+        threshold: the smallest cosine whose false-positive rate on the counted negatives is at most `target_fpr`.
+        fpr: the false-positive rate on the counted negatives at `threshold`.
         tpr: the share of transformed copies of the positives scoring at or above `threshold`.
         tpr_by_family: that share for each transform family.
-        negatives: how many negative images were scored.
+        negatives: how many negatives set the threshold (the decoded ones, less suspects left out).
         positives: how many positive (blocklisted) images were transformed.
         target_fpr: the false-positive rate asked for.
         fpr_resolution: `1 / negatives`, the smallest FPR step the negatives can measure. A target below it is
             met only by the threshold lying above every negative, which says nothing about the true FPR.
         copies_per_image: transformed copies per positive and family.
-        scores: `{"negatives": {min, median, max}, "positives": {family: {min, median, max}}}` (cosines).
+        scores: `{"negatives": {min, median, max}, "positives": {family: {min, median, max}}}` (cosines, every
+            decoded negative included).
+        suspect_negatives: negatives scoring at or above the median transformed copy, highest first, each
+            `{"negative": path or "#index", "score": cosine, "entry_id": nearest entry}`: probably copies of that
+            entry. `on_suspect` said whether they counted.
+        suspects_counted: whether the suspects counted toward the threshold (`on_suspect="keep"`).
         skipped: inputs that could not be decoded, with the reason (`on_error="skip"`).
         notes: caveats, in words.
     """
@@ -133,6 +146,8 @@ class CalibrationResult:
     fpr_resolution: float
     copies_per_image: int
     scores: dict = field(default_factory=dict)
+    suspect_negatives: list[dict] = field(default_factory=list)
+    suspects_counted: bool = False
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -144,10 +159,10 @@ class CalibrationResult:
         rows = [f"{'family':<14} {'TPR':>6}  {'min':>7} {'median':>7} {'max':>7}"]
         positive_scores = self.scores.get("positives", {})
         for family, tpr in self.tpr_by_family.items():
-            stats = positive_scores.get(family, {})
+            stats = positive_scores.get(family) or {}
             rows.append(f"{family:<14} {tpr:>6.2f}  " + " ".join(f"{stats.get(k, math.nan):>7.4f}" for k in _STATS))
         rows.append(f"{'all copies':<14} {self.tpr:>6.2f}")
-        negative = self.scores.get("negatives", {})
+        negative = self.scores.get("negatives") or {}
         quantiles = " ".join(f"{negative.get(k, math.nan):>7.4f}" for k in _STATS)
         rows.append(f"{'negatives':<14} {self.fpr:>6.3f}  {quantiles}   (FPR)")
         return "\n".join(rows)
@@ -166,6 +181,7 @@ def calibrate(
     *,
     seed: int = 0,
     on_error: str = "raise",
+    on_suspect: str = "exclude",
 ) -> CalibrationResult:
     """Choose the threshold of `blocklist` that keeps false positives on `negatives` at or below `target_fpr`.
 
@@ -189,72 +205,157 @@ def calibrate(
         on_error (`str`, *optional*, defaults to `"raise"`):
             `"raise"` stops at an undecodable input with `ImageDecodeError`; `"skip"` leaves it out and lists it in
             `CalibrationResult.skipped`.
+        on_suspect (`str`, *optional*, defaults to `"exclude"`):
+            What to do with negatives scoring at or above the median transformed copy (likely copies of an entry).
+            `"exclude"` leaves them out of the threshold and lists them in `CalibrationResult.suspect_negatives`;
+            `"keep"` counts them (lifting the threshold) and still lists them; `"raise"` stops with `UsageError`.
 
     Raises:
-        UsageError: empty positives or negatives, `target_fpr` outside (0, 1), or negatives that are copies of entries.
+        UsageError: empty positives or negatives, `target_fpr` outside (0, 1), negatives that are exact copies of
+            entries (`on_suspect="keep"`), or suspect negatives (`on_suspect="raise"`).
         EmbedderMismatchError: `embedder` did not build `blocklist`.
     """
     from .guard import Guard
 
-    if not 0.0 < target_fpr < 1.0:
-        raise UsageError(f"target_fpr must be in (0, 1), e.g. 0.01 for 1%; got {target_fpr}")
-    if copies_per_image < 1:
-        raise UsageError(f"copies_per_image must be >= 1, got {copies_per_image}")
-    if on_error not in ("raise", "skip"):
-        raise UsageError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if len(positives) == 0:
-        raise UsageError("positives is empty; pass source images of blocklist entries (PIL images or paths)")
-    if len(negatives) == 0:
-        raise UsageError("negatives is empty; pass images that are not in the blocklist (PIL images or paths)")
-    if len(blocklist) == 0:
-        raise UsageError("the blocklist is empty; there is nothing to calibrate")
+    _check_arguments(blocklist, positives, negatives, target_fpr, copies_per_image, on_error, on_suspect)
     guard = Guard(blocklist, embedder, threshold=1.0)  # refuses an embedder with another spec
     skipped: list[str] = []
 
-    batches = _batches(_decoded(negatives, skipped, on_error), _BATCH)
-    negative_scores = np.array([score for batch in batches for score in _best_scores(guard, batch)], np.float64)
-    family_scores: dict[str, list[float]] = {family: [] for family in TRANSFORM_FAMILIES}
-    decoded_positives = 0
-    for index, image in enumerate(_decoded(positives, skipped, on_error)):
-        decoded_positives += 1
-        copies, families = [], []
-        for family, transform in TRANSFORM_FAMILIES.items():
-            for copy in range(copies_per_image):
-                copies.append(transform(image, random.Random(f"{seed}:{index}:{family}:{copy}")).convert("RGB"))
-                families.append(family)
-        for family, score in zip(families, _best_scores(guard, copies)):
-            family_scores[family].append(score)
+    labels, negative_scores, nearest = _score_negatives(guard, negatives, skipped, on_error)
+    family_scores, decoded_positives = _score_copies(guard, positives, copies_per_image, seed, skipped, on_error)
     if len(negative_scores) == 0 or decoded_positives == 0:
         which = "negatives" if len(negative_scores) == 0 else "positives"
         raise UsageError(f"no decodable {which}; skipped: {skipped}")
+    copy_scores = np.array([score for scores in family_scores.values() for score in scores], np.float64)
 
-    threshold = _smallest_threshold(negative_scores, target_fpr)
-    all_scores = np.array([score for scores in family_scores.values() for score in scores], np.float64)
-    fpr = float(np.mean(negative_scores >= threshold))
-    resolution = 1.0 / len(negative_scores)
-    notes = []
-    if target_fpr < resolution:
-        notes.append(
-            f"target_fpr {target_fpr} is below the resolution 1/{len(negative_scores)} of the negatives: the threshold "
-            f"lies above every negative, and the true FPR is unmeasured. Pass at least {math.ceil(1 / target_fpr)} "
-            "negatives"
+    suspect = negative_scores >= np.median(copy_scores)
+    suspects = sorted(
+        ({"negative": labels[i], "score": float(negative_scores[i]), "entry_id": nearest[i]}
+         for i in np.flatnonzero(suspect)),
+        key=lambda found: -found["score"],
+    )
+    if suspects and on_suspect == "raise":
+        raise UsageError(
+            f"{len(suspects)} negatives score at or above the median transformed copy ({np.median(copy_scores):.4f}): "
+            f"they look like copies of entries: {_listed(suspects)}. Remove them, or pass on_suspect='exclude' "
+            "(--suspect-negatives exclude)"
         )
-    notes.append("the threshold sits just above a measured negative score; FPR on new images will be somewhat higher")
+    counted = negative_scores if on_suspect == "keep" else negative_scores[~suspect]
+    if len(counted) == 0:
+        raise UsageError(
+            f"every negative scores at or above the median transformed copy ({np.median(copy_scores):.4f}); either "
+            "they are all copies of entries, or this embedder cannot tell these images from copies"
+        )
+
+    threshold = _smallest_threshold(counted, target_fpr)
+    resolution = 1.0 / len(counted)
     return CalibrationResult(
         threshold=threshold,
-        fpr=fpr,
-        tpr=float(np.mean(all_scores >= threshold)),
+        fpr=float(np.mean(counted >= threshold)),
+        tpr=float(np.mean(copy_scores >= threshold)),
         tpr_by_family={family: float(np.mean(np.array(s) >= threshold)) for family, s in family_scores.items()},
-        negatives=len(negative_scores),
+        negatives=len(counted),
         positives=decoded_positives,
         target_fpr=target_fpr,
         fpr_resolution=resolution,
         copies_per_image=copies_per_image,
         scores={"negatives": score_summary(negative_scores),
                 "positives": {family: score_summary(np.array(scores)) for family, scores in family_scores.items()}},
+        suspect_negatives=suspects,
+        suspects_counted=on_suspect == "keep",
         skipped=skipped,
-        notes=notes,
+        notes=_notes(target_fpr, len(counted), suspects, on_suspect, float(np.mean(negative_scores >= threshold)),
+                     float(np.median(copy_scores))),
     )
+
+
+def _check_arguments(
+    blocklist: Blocklist,
+    positives: Sequence[ImageInput],
+    negatives: Sequence[ImageInput],
+    target_fpr: float,
+    copies_per_image: int,
+    on_error: str,
+    on_suspect: str,
+) -> None:
+    """Refuse bad arguments up front, before any image is embedded."""
+    if not 0.0 < target_fpr < 1.0:
+        raise UsageError(f"target_fpr must be in (0, 1), e.g. 0.01 for 1%; got {target_fpr}")
+    if copies_per_image < 1:
+        raise UsageError(f"copies_per_image must be >= 1, got {copies_per_image}")
+    if on_error not in ("raise", "skip"):
+        raise UsageError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if on_suspect not in SUSPECT_ACTIONS:
+        raise UsageError(f"on_suspect must be one of {', '.join(map(repr, SUSPECT_ACTIONS))}, got {on_suspect!r}")
+    if len(positives) == 0:
+        raise UsageError("positives is empty; pass source images of blocklist entries (PIL images or paths)")
+    if len(negatives) == 0:
+        raise UsageError("negatives is empty; pass images that are not in the blocklist (PIL images or paths)")
+    if len(blocklist) == 0:
+        raise UsageError("the blocklist is empty; there is nothing to calibrate")
+
+
+def _score_negatives(
+    guard, negatives: Sequence[ImageInput], skipped: list[str], on_error: str
+) -> tuple[list[str], np.ndarray, list[str | None]]:
+    """(label, best cosine, nearest entry id) of every decodable negative, embedded a batch at a time."""
+    labels: list[str] = []
+    scores: list[float] = []
+    nearest: list[str | None] = []
+    for batch in _batches(_decoded(negatives, skipped, on_error), _BATCH):
+        labels += [label for label, _ in batch]
+        for verdict in guard.check([image for _, image in batch]):
+            scores.append(verdict.score)
+            nearest.append(verdict.entry_id)
+    return labels, np.array(scores, np.float64), nearest
+
+
+def _score_copies(
+    guard, positives: Sequence[ImageInput], copies_per_image: int, seed: int, skipped: list[str], on_error: str
+) -> tuple[dict[str, list[float]], int]:
+    """({family: best cosine of each transformed copy}, how many positives decoded)."""
+    family_scores: dict[str, list[float]] = {family: [] for family in TRANSFORM_FAMILIES}
+    decoded = 0
+    for index, (_, image) in enumerate(_decoded(positives, skipped, on_error)):
+        decoded += 1
+        copies, families = [], []
+        for family, transform in TRANSFORM_FAMILIES.items():
+            for copy in range(copies_per_image):
+                copies.append(transform(image, random.Random(f"{seed}:{index}:{family}:{copy}")).convert("RGB"))
+                families.append(family)
+        for family, verdict in zip(families, guard.check(copies)):
+            family_scores[family].append(verdict.score)
+    return family_scores, decoded
+
+
+def _notes(
+    target_fpr: float, counted: int, suspects: list[dict], on_suspect: str, fpr_all: float, copy_median: float
+) -> list[str]:
+    notes = []
+    if target_fpr < 1.0 / counted:
+        notes.append(
+            f"target_fpr {target_fpr} is below the resolution 1/{counted} of the negatives: the threshold lies above "
+            f"every negative, and the true FPR is unmeasured. Pass at least {math.ceil(1 / target_fpr)} negatives"
+        )
+    if suspects and on_suspect == "exclude":
+        notes.append(
+            f"{len(suspects)} negatives scored at or above the median transformed copy ({copy_median:.4f}) and were "
+            f"left out of the threshold as probable copies of entries: {_listed(suspects)}. If they are not copies, "
+            f"this embedder cannot tell them from copies, and the FPR counting them is {fpr_all:.4f}"
+        )
+    elif suspects:
+        notes.append(
+            f"{len(suspects)} negatives scored at or above the median transformed copy ({copy_median:.4f}) and were "
+            f"counted: they lifted the threshold. Probable copies of entries: {_listed(suspects)}"
+        )
+    notes.append("the threshold sits just above a measured negative score; FPR on new images will be somewhat higher")
+    return notes
+
+
+def _listed(suspects: list[dict], limit: int = 5) -> str:
+    """The first `limit` suspects as text, so a message names the files to look at without flooding the terminal."""
+    shown = ", ".join(f"{item['negative']} ({item['score']:.4f} to {item['entry_id']})" for item in suspects[:limit])
+    return shown + (f" and {len(suspects) - limit} more" if len(suspects) > limit else "")
 
 
 def _smallest_threshold(negative_scores: np.ndarray, target_fpr: float) -> float:
@@ -270,16 +371,13 @@ def _smallest_threshold(negative_scores: np.ndarray, target_fpr: float) -> float
     return threshold
 
 
-def score_summary(scores: Sequence[float] | np.ndarray) -> dict[str, float] | None:
-    """`{min, median, max}` of cosine scores, or None when there are none."""
-    if len(scores) == 0:
-        return None
-    return {"min": float(np.min(scores)), "median": float(np.median(scores)), "max": float(np.max(scores))}
+def _decoded(items: Sequence[ImageInput], skipped: list[str], on_error: str) -> Iterator[tuple[str, Image.Image]]:
+    """(label, RGB image) one at a time, so a folder of negatives is never all in memory.
 
-
-def _decoded(items: Sequence[ImageInput], skipped: list[str], on_error: str) -> Iterator[Image.Image]:
-    """One RGB image at a time, so a folder of negatives is never all in memory."""
-    for item in items:
+    The label names the input in reports: its path, or `#index` for an in-memory image.
+    """
+    for index, item in enumerate(items):
+        label = str(item) if isinstance(item, (str, os.PathLike)) else f"#{index}"
         try:
             (image,) = to_pil_images([item])
         except ImageDecodeError as error:
@@ -287,11 +385,11 @@ def _decoded(items: Sequence[ImageInput], skipped: list[str], on_error: str) -> 
                 raise
             skipped.append(f"{item if isinstance(item, (str, os.PathLike)) else type(item).__name__}: {error}")
             continue
-        yield image
+        yield label, image
 
 
-def _batches(images: Iterator[Image.Image], size: int) -> Iterator[list[Image.Image]]:
-    batch: list[Image.Image] = []
+def _batches(images: Iterator, size: int) -> Iterator[list]:
+    batch: list = []
     for image in images:
         batch.append(image)
         if len(batch) == size:
@@ -299,95 +397,3 @@ def _batches(images: Iterator[Image.Image], size: int) -> Iterator[list[Image.Im
             batch = []
     if batch:
         yield batch
-
-
-def _best_scores(guard, images: list[Image.Image]) -> list[float]:
-    return [verdict.score for verdict in guard.check(images)]
-
-
-# ---- the `guardrail calibrate` verb ------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of `guardrail calibrate`."""
-    parser.add_argument("-b", "--blocklist", required=True, metavar="FILE", help="the blocklist to calibrate")
-    parser.add_argument("--negatives", required=True, nargs="+", metavar="DIR",
-                        help="folders of images that are NOT in the blocklist (sets the false-positive rate)")
-    parser.add_argument("--positives", nargs="+", metavar="DIR",
-                        help="folders of the blocklisted images (default: the entries' source files, when they exist)")
-    parser.add_argument("--target-fpr", type=float, default=0.01,
-                        help="highest acceptable false-positive rate on the negatives (default 0.01)")
-    parser.add_argument("--copies", type=int, default=DEFAULT_COPIES_PER_IMAGE,
-                        help=f"transformed copies per image and family (default {DEFAULT_COPIES_PER_IMAGE})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random transforms (default 0)")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT.safetensors",
-                        help="where to write the blocklist with the chosen threshold")
-    from .cli import add_embedder_arguments
-
-    add_embedder_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run `guardrail calibrate`: measure, print the TPR table, write the blocklist with the chosen threshold."""
-    from .embedders import embedder_from_spec
-
-    blocklist = Blocklist.load(args.blocklist)
-    positives = _image_paths(args.positives, "--positives") if args.positives else _entry_sources(blocklist)
-    negatives = _image_paths(args.negatives, "--negatives")
-    embedder = embedder_from_spec(blocklist.spec, pretrained=args.pretrained, device=args.device)
-    result = calibrate(blocklist, embedder, positives, negatives, target_fpr=args.target_fpr,
-                       copies_per_image=args.copies, seed=args.seed, on_error="skip")
-    _save_like(blocklist.with_threshold(result.threshold), args.blocklist, args.output)
-    if args.json:
-        print(json.dumps({**result.to_dict(), "output": args.output}, indent=2))
-        return 0
-    print(result.table())
-    print(
-        f"wrote {args.output}: threshold {result.threshold:.6f} (was {blocklist.threshold}) at FPR {result.fpr:.4f} "
-        f"on {result.negatives} negatives (resolution {result.fpr_resolution:.4f}), TPR {result.tpr:.2f} over "
-        f"{result.positives} positives x {len(TRANSFORM_FAMILIES)} families x {result.copies_per_image} copies"
-    )
-    evading = [family for family, tpr in result.tpr_by_family.items() if tpr < 0.5]
-    if evading:
-        print(f"  copies made by {', '.join(evading)} mostly evade this embedder (TPR < 0.5)")
-    for line in result.skipped:
-        print(f"  skipped {line}")
-    for note in result.notes:
-        print(f"  note: {note}")
-    return 0
-
-
-def _image_paths(folders: Sequence[str], flag: str) -> list[str]:
-    from .sources import IMAGE_EXTENSIONS
-
-    paths = []
-    for folder in folders:
-        if not os.path.isdir(folder):
-            raise UsageError(f"{flag} {folder!r} is not a folder of images")
-        for root, _, names in os.walk(folder):
-            paths += [os.path.join(root, name) for name in sorted(names)
-                      if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
-    if not paths:
-        raise UsageError(f"{flag} {', '.join(folders)} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return sorted(paths)
-
-
-def _entry_sources(blocklist: Blocklist) -> list[str]:
-    sources = [entry.get("source") for entry in blocklist.entries]
-    present = [source for source in sources if isinstance(source, str) and os.path.isfile(source)]
-    if not present:
-        raise UsageError(
-            "none of the blocklist entries' source files exist here (they are not local files, or were moved); "
-            "pass the blocklisted images with --positives DIR"
-        )
-    return present
-
-
-def _save_like(blocklist: Blocklist, original: str, output: str) -> None:
-    """Save with the original file's vector dtype, so a float16 blocklist stays half the size."""
-    from safetensors import safe_open
-
-    with safe_open(original, framework="numpy") as handle:
-        dtype = "float16" if handle.get_slice("embeddings").get_dtype() == "F16" else "float32"
-    blocklist.save(output, dtype=dtype)
