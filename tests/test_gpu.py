@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from guardrail import Guard, OpenCLIPEmbedder
+from guardrail import index as index_module
 from guardrail.index import gpu_available
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -46,5 +47,30 @@ def test_a_cuda_guard_searches_on_the_gpu(weights_file, memorized_blocklist, ung
     assert [v.matched for v in guard.check(unguarded)] == [False, True, False, False]
 
 
-def test_a_cpu_embedder_keeps_the_index_on_the_cpu(memorized_blocklist, embedder):
+class ClaimsCuda:
+    """The session's CPU embedder, reporting `device="cuda"`: how the guard places its index, on a machine with
+    no GPU. Embedding still runs on the CPU, so verdicts stay real."""
+
+    device = "cuda"
+
+    def __init__(self, embedder):
+        self.spec, self.dim, self._embedder = embedder.spec, embedder.dim, embedder
+
+    def embed(self, images):
+        return self._embedder.embed(images)
+
+
+def test_a_cuda_embedder_with_cpu_only_faiss_searches_on_the_cpu(memorized_blocklist, embedder, unguarded,
+                                                                  monkeypatch):
+    """faiss-cpu beside a GPU embedder is a common install: the index falls back to the CPU instead of failing."""
+    monkeypatch.setattr(index_module, "gpu_available", lambda: False)
+    guard = Guard(memorized_blocklist, ClaimsCuda(embedder))
+    assert guard.index_device == "cpu"
+    assert [verdict.matched for verdict in guard.check(unguarded)] == [False, True, False, False]
+
+
+def test_a_cpu_embedder_keeps_the_index_on_the_cpu_even_when_faiss_sees_a_gpu(memorized_blocklist, embedder,
+                                                                               monkeypatch):
+    """The index follows the embedder, not whatever hardware is present: a CPU deployment never grabs a GPU."""
+    monkeypatch.setattr(index_module, "gpu_available", lambda: True)
     assert Guard(memorized_blocklist, embedder).index_device == "cpu"
