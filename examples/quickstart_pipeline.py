@@ -4,7 +4,7 @@ Offline by default: a tiny seeded StableDiffusionPipeline and a seeded open_clip
 file. One image the pipeline really generates plays the "memorized training image"; the guarded call resamples it.
 
     python examples/quickstart_pipeline.py
-    python examples/quickstart_pipeline.py --sd runwayml/stable-diffusion-v1-5 \
+    python examples/quickstart_pipeline.py --sd stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --model ViT-L-14-quickgelu --pretrained openai --blocklist blocklists/sd-v1-memorized.safetensors
 """
 

@@ -20,8 +20,8 @@ seed really resamples:
     python examples/serve.py --port 8000
     curl -s localhost:8000/generate -H 'content-type: application/json' -d '{"seed": 0, "num_images": 2}'
     curl -s localhost:8000/check -F image=@generated.png
-    python examples/serve.py --sd runwayml/stable-diffusion-v1-5 --model ViT-L-14-quickgelu --pretrained openai \
-        --blocklist blocklists/sd-v1-memorized.safetensors
+    python examples/serve.py --sd stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --model ViT-L-14-quickgelu --pretrained openai --blocklist blocklists/sd-v1-memorized.safetensors
 
 Requires the `serve` extra: fastapi, uvicorn, python-multipart.
 """

@@ -28,3 +28,11 @@ def test_every_name_the_readme_imports_from_guardrail_exists():
     for names in re.findall(r"from guardrail import ([\w, ]+)", readme):
         for name in names.split(","):
             assert hasattr(guardrail, name.strip()), name
+
+
+def test_no_doc_or_example_names_the_retired_runwayml_repository():
+    """`runwayml/stable-diffusion-v1-5` left the Hub in 2024; a copied command must name a repository that exists."""
+    paths = [ROOT / "README.md", *(ROOT / "examples").rglob("*.py"), *(ROOT / "docs").rglob("*.md"),
+             *(ROOT / "guardrail").rglob("*.py"), *(ROOT / "blocklists").rglob("*.md")]
+    stale = [str(path.relative_to(ROOT)) for path in paths if "runwayml/" in path.read_text(encoding="utf-8")]
+    assert not stale, f"use stable-diffusion-v1-5/stable-diffusion-v1-5 instead of runwayml/ in {stale}"
