@@ -119,9 +119,16 @@ class Guard:
         self._recent: deque = deque(maxlen=flood_window)
         self._match_counts: Counter = Counter()
         self._flooding: set[str] = set()
-        self._snapshot = self._with_disabled(self._make_snapshot(blocklist, self._threshold_override), ())
+        self._snapshot = self._snapshot_of(blocklist)
 
-    def _make_snapshot(self, blocklist: Blocklist | str | os.PathLike, threshold: float | None) -> _Snapshot:
+    def _snapshot_of(self, blocklist: Blocklist | str | os.PathLike) -> _Snapshot:
+        """A snapshot of `blocklist` with its index and the threshold in force (no lock needed: nothing is shared)."""
+        blocklist, index = self._verified_with_index(blocklist)
+        threshold = blocklist.threshold if self._threshold_override is None else self._threshold_override
+        return _Snapshot(blocklist, index, threshold, frozenset())
+
+    def _verified_with_index(self, blocklist: Blocklist | str | os.PathLike) -> tuple[Blocklist, BlocklistIndex]:
+        """The blocklist (loaded if a path), checked against the embedder, and its search index: the slow part."""
         if not isinstance(blocklist, Blocklist):
             blocklist = Blocklist.load(blocklist)
         differences = spec_differences(blocklist.spec, self.embedder.spec)
@@ -131,12 +138,7 @@ class Guard:
                 + "; ".join(differences)
                 + "). Use the blocklist's model and weights, or rebuild the blocklist with this embedder"
             )
-        return _Snapshot(
-            blocklist,
-            BlocklistIndex.from_blocklist(blocklist, kind=self.index_kind, device=self.index_device),
-            blocklist.threshold if threshold is None else threshold,
-            frozenset(),
-        )
+        return blocklist, BlocklistIndex.from_blocklist(blocklist, kind=self.index_kind, device=self.index_device)
 
     @staticmethod
     def _with_disabled(snapshot: _Snapshot, disabled_ids: Sequence[str]) -> _Snapshot:
@@ -179,13 +181,16 @@ class Guard:
         The new index is built before the switch, with no lock held, so checks keep running on the old one
         meanwhile. The new blocklist's spec is verified like the first one's. A threshold given to the constructor
         (or here) keeps overriding the blocklist's; disabled ids stay disabled if they exist in the new blocklist.
+        The override in force is read under the lock, so a concurrent swap that sets one is never lost.
         """
         if threshold is not None:
             threshold = check_threshold(threshold)
-        snapshot = self._make_snapshot(blocklist, threshold if threshold is not None else self._threshold_override)
+        blocklist, index = self._verified_with_index(blocklist)
         with self._lock:
             if threshold is not None:
                 self._threshold_override = threshold
+            in_force = blocklist.threshold if self._threshold_override is None else self._threshold_override
+            snapshot = _Snapshot(blocklist, index, in_force, frozenset())
             self._snapshot = self._with_disabled(snapshot, self.disabled)
 
     @property

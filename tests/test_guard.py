@@ -193,3 +193,30 @@ def test_verdict_records_are_copies(guard, unguarded):
     verdict = guard.check([unguarded[1]])[0]
     verdict.entry["caption"] = "changed"
     assert guard.blocklist.entries[0]["caption"] != "changed"
+
+
+def test_concurrent_swaps_never_lose_a_threshold_override(monkeypatch):
+    """A swap that started before another swap set an override must still install that override."""
+    from guardrail import index as index_module
+
+    embedder = PixelEmbedder()
+    images = colour_images(4, seed=6)
+    blocklist = Blocklist(embedder.embed(images), spec=embedder.spec, threshold=0.999)
+    guard = Guard(blocklist, embedder)
+    slow_swap_building, override_set = threading.Event(), threading.Event()
+    build_index = index_module.BlocklistIndex.from_blocklist.__func__
+
+    def from_blocklist(cls, *args, **kwargs):
+        if threading.current_thread().name == "slow-swap":  # hold this swap's index build until the override is set
+            slow_swap_building.set()
+            assert override_set.wait(10)
+        return build_index(cls, *args, **kwargs)
+
+    monkeypatch.setattr(index_module.BlocklistIndex, "from_blocklist", classmethod(from_blocklist))
+    slow = threading.Thread(target=guard.swap_blocklist, args=(blocklist.with_threshold(0.2),), name="slow-swap")
+    slow.start()
+    assert slow_swap_building.wait(10)
+    guard.swap_blocklist(blocklist, threshold=0.5)
+    override_set.set()
+    slow.join(10)
+    assert guard.threshold == 0.5, "the override set by the other swap is kept"
