@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guardrail import Blocklist, UsageError
+from guardrail import Blocklist, ImageDecodeError, UsageError
 from guardrail.build import BuildError, build_blocklist, merge_blocklists
 from guardrail.cli import main
 from guardrail.sources import expand_braces, iter_items
@@ -206,7 +206,7 @@ def test_a_build_with_nothing_valid_fails_with_the_report(tmp_path, embedder):
 
 def test_on_error_raise_stops_at_the_first_bad_item(tmp_path, embedder):
     root = bad_data_folder(tmp_path / "bad")
-    with pytest.raises(Exception, match="cannot decode|decompression bomb"):
+    with pytest.raises(ImageDecodeError, match="cannot decode|decompression bomb"):
         build_blocklist(str(root), embedder, on_error="raise")
 
 
