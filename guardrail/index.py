@@ -6,16 +6,30 @@ IVF-PQ when even one byte per dimension is too much (HNSW on request). Approxima
 candidates: every candidate is re-scored exactly against the stored float32 vectors, so a returned score is always
 the true cosine and a match can only be missed if it is not among `candidates` proposals (benchmarks measure this
 recall against exact search).
+
+A stored index (the `index` tensor of a blocklist file) is untrusted bytes: its checksum proves nothing, since anyone
+can re-sign a file. faiss 1.15 turns most garbage into a RuntimeError, but a few hostile bytes can make its reader
+allocate and zero gigabytes, point inverted lists at files on disk, or hold ids past the end of the blocklist. So it
+is first read, checked and searched in a throwaway subprocess with a memory cap; only bytes that pass are read here.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import GuardrailError, UsageError
+from .errors import BlocklistError, GuardrailError, UsageError
+
+if TYPE_CHECKING:
+    from .blocklist import Blocklist
 
 KINDS = ("flat", "hnsw", "ivf-sq8", "ivf-pq")
 EXACT_LIMIT = 20_000
@@ -35,12 +49,12 @@ def choose_kind(count: int, dim: int, max_memory: int | None = None) -> str:
     return "ivf-pq"
 
 
-def _lists_for(count: int) -> int:
+def _ivf_list_count(count: int) -> int:
     """IVF lists: about sqrt(count), a power of two (1,024 at 1M entries)."""
     return int(min(65536, max(16, 2 ** round(math.log2(math.sqrt(max(count, 1)))))))
 
 
-def _pq_bytes_for(dim: int) -> int:
+def _pq_subquantizer_count(dim: int) -> int:
     """Sub-quantizers for IVF-PQ: about dim/8 bytes a vector, a divisor of dim."""
     target = max(1, dim // 8)
     return max(m for m in range(1, target + 1) if dim % m == 0)
@@ -64,7 +78,8 @@ class BlocklistIndex:
         ef_search (`int`, *optional*, defaults to 128): HNSW search depth.
         serialized (`np.ndarray`, *optional*):
             A uint8 `faiss.serialize_index` blob of this very index (e.g. stored in the blocklist file), to skip
-            training. It is checked against `embeddings` (count and dim).
+            training. It is read in a sandbox first and checked against `embeddings` (see `_read_stored_index`);
+            a blob that is unreadable, hostile or of other vectors is a `BlocklistError`.
 
     Safe for concurrent `search` calls: CPU faiss reads are thread-safe; GPU searches are serialized by a lock
     (faiss GPU indexes are not).
@@ -94,14 +109,16 @@ class BlocklistIndex:
         self.kind = choose_kind(len(embeddings), self.dim, max_memory) if kind == "auto" else kind
         self.candidates = candidates
         if serialized is not None:
-            index = _deserialize(serialized, len(embeddings), self.dim)
-            self.kind = _kind_of(index)
+            index = _read_stored_index(serialized, len(embeddings), self.dim)
+            self.kind = _index_kind(index)
         else:
-            index = _build(embeddings, self.kind)
+            index = _trained_faiss_index(embeddings, self.kind)
         _set_search_params(index, nprobe, ef_search)
         self.device = device
         self._cpu_index = index
-        self._index, self._lock = _to_device(index, device)
+        self._index, self._lock = _searchable_on(index, device)
+        if serialized is not None:
+            self._check_finds_own_vectors()
 
     @classmethod
     def from_blocklist(cls, blocklist: "Blocklist", kind: str | None = None, **options) -> "BlocklistIndex":  # noqa: F821
@@ -158,6 +175,20 @@ class BlocklistIndex:
         scores[ids < 0] = -np.inf
         return scores[:, :k], ids[:, :k]
 
+    def _check_finds_own_vectors(self, probes: int = 64, required: float = 0.9) -> None:
+        """A stored index must find the blocklist's own vectors: one of other vectors would silently miss matches."""
+        if len(self) == 0:
+            return
+        rows = np.unique(np.linspace(0, len(self) - 1, min(probes, len(self))).astype(np.int64))
+        best = self.search(self.vectors[rows], k=1)[0][:, 0]
+        found = float(np.mean(best >= 1 - 1e-3))  # an exact copy (itself or a duplicate); float16 storage rounds
+        if found < required:
+            raise BlocklistError(
+                f"the stored faiss index finds only {found:.0%} of {len(rows)} of the blocklist's own vectors: it "
+                "indexes other vectors. Rebuild it (BlocklistIndex.from_blocklist(blocklist, kind=...), or build the "
+                "blocklist again)"
+            )
+
     def _rescore(self, vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Exact cosines of each query with its candidates (-inf for empty slots)."""
         safe = np.where(ids < 0, 0, ids)
@@ -165,7 +196,28 @@ class BlocklistIndex:
         return np.where(ids < 0, -np.inf, exact).astype(np.float32)
 
 
-def _build(embeddings: np.ndarray, kind: str):
+def store_trained_index(
+    blocklist: "Blocklist", kind: str = "auto", *, max_memory: int | None = None, index: BlocklistIndex | None = None
+) -> "Blocklist":
+    """Train the search index of `kind` for `blocklist` and store it in it, so loading the file needs no training.
+
+    The one place that decides what a blocklist file carries (used by `build_blocklist`, `merge_blocklists` and the
+    CLI). `"auto"` picks the kind by size (`choose_kind`). Exact `"flat"` search trains nothing, so nothing is
+    stored for it. `index`, an already built `BlocklistIndex` of these very vectors, is stored as is when its kind
+    is the one asked for (dedupe builds one). Returns `blocklist`.
+    """
+    if kind != "auto" and kind not in KINDS:
+        raise UsageError(f"index must be 'auto' or one of {KINDS}, got {kind!r}")
+    if kind == "auto":
+        kind = choose_kind(len(blocklist), blocklist.dim, max_memory)
+    if kind == "flat":
+        return blocklist
+    if index is None or index.kind != kind or len(index) != len(blocklist):
+        index = BlocklistIndex(blocklist.embeddings, kind=kind)
+    return blocklist.attach_index(index)
+
+
+def _trained_faiss_index(embeddings: np.ndarray, kind: str):
     import faiss
 
     count, dim = embeddings.shape
@@ -175,7 +227,7 @@ def _build(embeddings: np.ndarray, kind: str):
         index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = 80
     else:
-        lists = min(_lists_for(count), max(1, count // 39))  # faiss wants >= 39 training points per list
+        lists = min(_ivf_list_count(count), max(1, count // 39))  # faiss wants >= 39 training points per list
         quantizer = faiss.IndexFlatIP(dim)
         if kind == "ivf-sq8":
             index = faiss.IndexIVFScalarQuantizer(
@@ -183,7 +235,9 @@ def _build(embeddings: np.ndarray, kind: str):
             )
         else:
             bits = 8 if count >= 256 * 39 else max(1, int(math.log2(max(2, count // 39))))
-            index = faiss.IndexIVFPQ(quantizer, dim, lists, _pq_bytes_for(dim), bits, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.IndexIVFPQ(
+                quantizer, dim, lists, _pq_subquantizer_count(dim), bits, faiss.METRIC_INNER_PRODUCT
+            )
         index.own_fields = True
         quantizer.this.disown()
         sample = embeddings
@@ -196,7 +250,7 @@ def _build(embeddings: np.ndarray, kind: str):
     return index
 
 
-def _kind_of(index) -> str:
+def _index_kind(index) -> str:
     import faiss
 
     index = faiss.downcast_index(index)
@@ -204,24 +258,126 @@ def _kind_of(index) -> str:
                       ("ivf-pq", faiss.IndexIVFPQ)):
         if isinstance(index, cls):
             return kind
-    raise GuardrailError(f"unsupported stored faiss index type {type(index).__name__}; rebuild the index")
+    raise BlocklistError(f"unsupported stored faiss index type {type(index).__name__}; rebuild the index")
 
 
-def _deserialize(serialized: np.ndarray, count: int, dim: int):
+def _read_stored_index(serialized: np.ndarray, count: int, dim: int):
+    """A stored index, read here only after the same bytes were read, checked and searched in a sandbox process."""
+    serialized = np.ascontiguousarray(serialized, dtype=np.uint8)
+    _check_in_sandbox(serialized, count, dim)
+    index = _deserialized(serialized)  # the same bytes the sandbox read, so the same result: no crash
+    _check_structure(index, count, dim)
+    return index
+
+
+def _deserialized(serialized: np.ndarray):
     import faiss
 
     try:
-        index = faiss.deserialize_index(np.ascontiguousarray(serialized, dtype=np.uint8))
-    except RuntimeError as error:
-        raise GuardrailError(f"the stored faiss index cannot be read ({error}); rebuild it") from error
+        return faiss.deserialize_index(serialized)
+    except (RuntimeError, MemoryError) as error:
+        raise BlocklistError(f"the stored faiss index cannot be read ({str(error).strip()[-200:]}); rebuild it") from error
+
+
+def _check_structure(index, count: int, dim: int) -> None:
+    """Raise `BlocklistError` unless `index` is a supported kind over exactly `count` vectors of `dim`, ids in range."""
+    import faiss
+
+    kind = _index_kind(index)
     if index.ntotal != count or index.d != dim:
-        raise GuardrailError(
+        raise BlocklistError(
             f"the stored faiss index holds {index.ntotal} vectors of dim {index.d}, but the blocklist has {count} of "
             f"dim {dim}; rebuild the index"
         )
-    if faiss.downcast_index(index).metric_type != faiss.METRIC_INNER_PRODUCT:
-        raise GuardrailError("the stored faiss index does not use inner product; rebuild it")
-    return index
+    concrete = faiss.downcast_index(index)
+    if concrete.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise BlocklistError("the stored faiss index does not use inner product; rebuild it")
+    if kind == "hnsw" and faiss.downcast_index(concrete.storage).ntotal != count:
+        raise BlocklistError("the stored HNSW index's vectors do not match its graph; rebuild it")
+    if kind.startswith("ivf"):
+        _check_inverted_lists(concrete, count, dim)
+
+
+def _check_inverted_lists(ivf, count: int, dim: int) -> None:
+    """In-memory lists only (faiss can also map files named in the blob), holding each row id exactly once."""
+    import faiss
+
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if not isinstance(quantizer, faiss.IndexFlat) or quantizer.ntotal != ivf.nlist or quantizer.d != dim:
+        raise BlocklistError("the stored IVF index has a malformed coarse quantizer; rebuild it")
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    if not isinstance(lists, faiss.ArrayInvertedLists) or lists.nlist != ivf.nlist:
+        raise BlocklistError(f"the stored IVF index keeps its lists in {type(lists).__name__}, not in memory; rebuild it")
+    sizes = [lists.list_size(i) for i in range(lists.nlist)]
+    if sum(sizes) != count:
+        raise BlocklistError(f"the stored IVF index lists {sum(sizes)} ids for {count} vectors; rebuild it")
+    ids = np.concatenate(
+        [faiss.rev_swig_ptr(lists.get_ids(i), size).copy() for i, size in enumerate(sizes) if size]
+        or [np.zeros(0, np.int64)]
+    )
+    if len(ids) and (ids.min() < 0 or ids.max() >= count or len(np.unique(ids)) != count):
+        raise BlocklistError("the stored IVF index holds row ids out of range or twice; rebuild it")
+
+
+_SANDBOX_HEADROOM = 512 << 20
+"""Bytes a sandbox may allocate beyond 3x the blob (the blob itself, the index read from it, a search)."""
+
+
+def _check_in_sandbox(serialized: np.ndarray, count: int, dim: int) -> None:
+    """Read, check and search `serialized` in a subprocess with capped memory; a `BlocklistError` if that fails."""
+    package_parent = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2",
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-c", "import sys, guardrail.index as i; sys.exit(i._sandbox_main(sys.argv[1:]))",
+               str(count), str(dim), str(len(serialized))]
+    try:
+        done = subprocess.run(command, input=memoryview(serialized), capture_output=True, env=env,
+                              timeout=120 + len(serialized) / 10e6)
+    except subprocess.TimeoutExpired as error:
+        raise BlocklistError("reading the stored faiss index did not finish; rebuild it") from error
+    lines = done.stdout.decode("utf-8", "replace").strip().splitlines()
+    verdict = json.loads(lines[-1]) if done.returncode in (0, 3) and lines else None
+    if done.returncode == 0 and verdict == {"ok": True}:
+        return
+    if verdict is not None:
+        raise BlocklistError(verdict["error"])
+    how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit code {done.returncode}"
+    detail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+    raise BlocklistError(
+        f"reading the stored faiss index crashed its sandbox process ({how}; {detail[0][-200:]}): the index is "
+        "corrupt or hostile. Rebuild it, or load the blocklist with an explicit index kind"
+    )
+
+
+def _sandbox_main(argv: list[str]) -> int:
+    """Entry of the sandbox process: stdin holds the blob. Prints one JSON line; exit 0 ok, 3 refused."""
+    import resource
+
+    import faiss  # noqa: F401 - loaded before the memory cap is measured, so the cap counts it
+
+    count, dim, size = (int(arg) for arg in argv)
+    status = Path("/proc/self/status")
+    if status.exists():  # Linux: cap the address space at what a genuine index of this size needs
+        used = next(int(line.split()[1]) << 10 for line in status.read_text().splitlines() if line.startswith("VmSize"))
+        cap = used + 3 * size + _SANDBOX_HEADROOM
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        cap = cap if hard == resource.RLIM_INFINITY else min(cap, hard)  # a process may only lower its hard limit
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    try:
+        blob = np.frombuffer(sys.stdin.buffer.read(size), dtype=np.uint8)
+        index = _deserialized(blob)
+        _check_structure(index, count, dim)
+        if count:
+            probes = np.random.default_rng(0).standard_normal((8, dim)).astype(np.float32)
+            _set_search_params(index, 32, 128)
+            index.search(probes / np.linalg.norm(probes, axis=1, keepdims=True), min(count, 32))
+    except (BlocklistError, MemoryError) as error:
+        print(json.dumps({"ok": False, "error": str(error) if isinstance(error, BlocklistError) else
+                          f"the stored faiss index asks for more memory than an index of {count} vectors needs "
+                          f"({type(error).__name__}); it is corrupt or hostile: rebuild it"}))
+        return 3
+    print(json.dumps({"ok": True}))
+    return 0
 
 
 def _set_search_params(index, nprobe: int, ef_search: int) -> None:
@@ -241,7 +397,7 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def _to_device(index, device: str):
+def _searchable_on(index, device: str):
     """(index to search, lock or None): a GPU copy guarded by a lock on `cuda`, the CPU index as is otherwise."""
     if not device.startswith("cuda"):
         return index, None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -112,6 +114,90 @@ def test_the_stored_index_is_covered_by_the_checksum(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(BlocklistError, match="checksum"):
         Blocklist.load(path)
+
+
+def flat_blob_claiming(floats: int, base: np.ndarray) -> np.ndarray:
+    """A flat index blob whose vector-size field claims `floats` floats: faiss allocates them before it reads."""
+    import faiss
+    import struct
+
+    flat = faiss.IndexFlatIP(base.shape[1])
+    flat.add(base)
+    blob = faiss.serialize_index(flat).copy()
+    size_field = 4 + 4 + 8 + 8 + 8 + 1 + 4  # fourcc, d, ntotal, 2 dummies, is_trained, metric
+    blob[size_field : size_field + 8] = np.frombuffer(struct.pack("<Q", floats), np.uint8)
+    return blob
+
+
+def ivf_blob_with_ids_out_of_range(base: np.ndarray) -> np.ndarray:
+    import faiss
+
+    owner = faiss.deserialize_index(BlocklistIndex(base, kind="ivf-sq8").serialize())  # keep: it owns the index
+    index = faiss.downcast_index(owner)
+    lists = faiss.downcast_InvertedLists(index.invlists)
+    first = next(i for i in range(lists.nlist) if lists.list_size(i))
+    faiss.rev_swig_ptr(lists.get_ids(first), 1)[0] = len(base) + 10_000  # a row past the end of the blocklist
+    return faiss.serialize_index(index)
+
+
+def ivf_blob_with_lists_on_disk(base: np.ndarray, folder) -> np.ndarray:
+    import faiss
+
+    quantizer = faiss.IndexFlatIP(base.shape[1])
+    index = faiss.IndexIVFScalarQuantizer(quantizer, base.shape[1], 4, faiss.ScalarQuantizer.QT_8bit,
+                                          faiss.METRIC_INNER_PRODUCT)
+    index.train(base)
+    on_disk = faiss.OnDiskInvertedLists(4, index.code_size, str(folder / "lists.ivfdata"))
+    index.replace_invlists(on_disk, True)
+    on_disk.this.disown()
+    index.add(base)
+    return faiss.serialize_index(index)
+
+
+def resigned_with_index(base: np.ndarray, blob: np.ndarray, path):
+    """A blocklist file whose 'index' tensor is `blob` and whose checksum is valid: anyone can re-sign a file."""
+    blocklist = Blocklist(base, spec={"dim": base.shape[1]}).attach_index(BlocklistIndex(base, kind="ivf-sq8"))
+    blocklist.faiss_index = np.asarray(blob, dtype=np.uint8)
+    return blocklist.save(path)
+
+
+@pytest.mark.parametrize("hostile", ["garbage", "ids out of range", "lists on disk", "index of other vectors",
+                                     "4 GB size field"])
+def test_a_hostile_stored_index_in_a_resigned_file_is_a_blocklist_error(hostile, tmp_path):
+    from guardrail import BlocklistError
+
+    base = unit(np.random.default_rng(8), 300, 16)
+    blob = {
+        "garbage": lambda: np.frombuffer(b"IwSq" + np.random.default_rng(0).bytes(4000), np.uint8),
+        "ids out of range": lambda: ivf_blob_with_ids_out_of_range(base),
+        "lists on disk": lambda: ivf_blob_with_lists_on_disk(base, tmp_path),
+        "index of other vectors": lambda: BlocklistIndex(base[::-1].copy(), kind="ivf-sq8").serialize(),
+        "4 GB size field": lambda: flat_blob_claiming(10**9, base),
+    }[hostile]()
+    loaded = Blocklist.load(resigned_with_index(base, blob, tmp_path / "hostile.safetensors"))  # the checksum holds
+    with pytest.raises(BlocklistError, match="(?i)rebuild"):
+        BlocklistIndex.from_blocklist(loaded)
+    assert BlocklistIndex.from_blocklist(loaded, kind="flat").search(base[:1])[1][0, 0] == 0, "an explicit kind rebuilds"
+
+
+def test_a_stored_index_that_asks_faiss_for_gigabytes_never_allocates_them_in_the_process(tmp_path):
+    """faiss sizes a vector from the blob before reading it; the guard process must not be the one that pays."""
+    base = unit(np.random.default_rng(9), 300, 16)
+    path = resigned_with_index(base, flat_blob_claiming(10**9, base), tmp_path / "bomb.safetensors")  # 4 GB of floats
+    script = (
+        "import resource, sys\n"
+        "from guardrail import Blocklist, BlocklistError, BlocklistIndex\n"
+        "blocklist = Blocklist.load(sys.argv[1])\n"
+        "try:\n"
+        "    BlocklistIndex.from_blocklist(blocklist)\n"
+        "except BlocklistError as error:\n"
+        "    print('refused:', error)\n"
+        "print('peak MiB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused:" in done.stdout
+    assert int(done.stdout.split("peak MiB")[1]) < 1024, "the 4 GB were never allocated in this process"
 
 
 def test_cuda_without_faiss_gpu_support_is_a_clear_error():
