@@ -1,4 +1,4 @@
-"""Sources -> a verified Blocklist: decode in parallel, embed in streamed batches, skip bad data, dedupe.
+"""Sources -> a verified Blocklist: decode in parallel, embed in streamed batches, skip bad data, group duplicates.
 
 Memory stays flat in the number of images: at most a bounded window of decoded images is alive at once, and only
 the vectors and records are kept. Every skipped item is recorded with its reason in the build report.
@@ -13,7 +13,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,8 @@ from .blocklist import DEFAULT_THRESHOLD, UNIT_NORM_TOLERANCE, Blocklist, check_
 from .embedders import Embedder
 from .errors import GuardrailError, ImageDecodeError, UsageError
 from .images import load_image
+from .index import KINDS as INDEX_KINDS
+from .index import BlocklistIndex, store_trained_index
 from .sources import Item, iter_items, source_kind
 
 
@@ -34,12 +36,16 @@ class BuildError(GuardrailError):
 
 
 @dataclass
-class _Prepared:
+class _PreparedItem:
     item: Item
     pixels: Any = None  # the embedder's input for one image (a CHW tensor, or a PIL image)
     vector: np.ndarray | None = None
     skip: str | None = None  # why the item was skipped
     mode: str = "RGB"  # the image's original mode, for the report's conversion counts
+
+
+DEDUPE_NEIGHBOURS = 32
+"""Nearest neighbours each vector is compared with when dedupe groups entries (see `fold_duplicates`)."""
 
 
 def build_blocklist(
@@ -56,6 +62,7 @@ def build_blocklist(
     download_timeout: float = 10.0,
     download_retries: int = 2,
     progress: bool = False,
+    index: str = "auto",
 ) -> Blocklist:
     """Build a blocklist from image folders, manifests, webdataset shards and precomputed embedding folders.
 
@@ -63,14 +70,15 @@ def build_blocklist(
         sources: SOURCE paths (see `guardrail.sources`).
         embedder: embeds the images; may be None when every source holds precomputed vectors (then pass `spec`).
         threshold: the blocklist's match threshold.
-        dedupe: collapse entries whose cosine to an earlier kept entry is >= this value into that entry, keeping its
-            record and adding to its `duplicates` count. None keeps every entry.
+        dedupe: group entries at or above this cosine (see `fold_duplicates`). Every vector stays in the blocklist,
+            so no match is lost: only the records fold, into the group's first entry. None groups nothing.
         on_error: `"skip"` (default) records bad items in the report and goes on; `"raise"` stops at the first.
         spec: the embedder spec of precomputed vectors, when no embedder is given.
         batch_size: images per forward pass (defaults to the embedder's `batch_size`, or 32).
         workers: threads that read, download and decode images while the model runs.
         download: fetch URL entries of manifests; without it a URL entry is a `UsageError`.
         progress: show a progress bar with images/s on stderr.
+        index: the search index stored in the blocklist (`store_trained_index`): `"auto"` (by size), or a kind.
 
     Returns:
         The `Blocklist`, with the build report (a dict) as its `build_report` attribute.
@@ -80,104 +88,212 @@ def build_blocklist(
         UsageError: bad arguments, unknown sources, URL entries without `download`.
     """
     sources = [sources] if isinstance(sources, str) else list(sources)
+    spec = _checked_build_options(sources, embedder, spec, threshold, dedupe, on_error, workers, batch_size, index)
+    batch_size = batch_size or getattr(embedder, "batch_size", 32)
+    started = time.perf_counter()
+    preparer = _ItemPreparer(embedder, spec["dim"], download, download_timeout, download_retries)
+    embedded = _embed_sources(sources, embedder, preparer, batch_size, workers, on_error, progress)
+    if not embedded.records:
+        report = _build_report(sources, embedded, dedupe, 0, threshold, time.perf_counter() - started)
+        raise BuildError(
+            f"no valid images in {sources}: all {len(embedded.skips)} items were skipped "
+            f"({', '.join(f'{n} {reason}' for reason, n in report['skipped_by_reason'].items()) or 'none found'})",
+            report,
+        )
+    vectors = np.concatenate(embedded.vectors)
+    folded, dedupe_index = fold_duplicates(vectors, embedded.records, dedupe) if dedupe is not None else (0, None)
+    blocklist = Blocklist(vectors, embedded.records, spec=spec, threshold=threshold)
+    store_trained_index(blocklist, index, index=dedupe_index)
+    blocklist.build_report = _build_report(sources, embedded, dedupe, folded, threshold, time.perf_counter() - started)
+    return blocklist
+
+
+def _checked_build_options(
+    sources: list[str], embedder: Embedder | None, spec: dict | None, threshold: float, dedupe: float | None,
+    on_error: str, workers: int, batch_size: int | None, index: str,
+) -> dict:
+    """Every build option checked before any image is read; returns the spec the vectors will have."""
     if not sources:
         raise UsageError("sources is empty; pass at least one SOURCE")
     kinds = [source_kind(source) for source in sources]  # fail fast on a bad SOURCE
     if on_error not in ("skip", "raise"):
         raise UsageError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-    if dedupe is not None and not -1.0 <= dedupe <= 1.0:
-        raise UsageError(f"dedupe must be a cosine similarity in [-1, 1], got {dedupe}")
+    _check_dedupe(dedupe)
     if embedder is None and (spec is None or any(kind != "embeddings" for kind in kinds)):
         raise UsageError("an embedder is required (only precomputed-embedding sources can do with spec= alone)")
     if workers < 1:
         raise UsageError(f"workers must be >= 1, got {workers}")
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+    if index != "auto" and index not in INDEX_KINDS:
+        raise UsageError(f"index must be 'auto' or one of {INDEX_KINDS}, got {index!r}")
     check_threshold(threshold)  # fail now, not after embedding everything
-    spec = dict(embedder.spec if embedder is not None else spec)
-    batch_size = batch_size or getattr(embedder, "batch_size", 32)
+    return dict(embedder.spec if embedder is not None else spec)
 
-    started = time.perf_counter()
-    collector = _Collector(dedupe, spec["dim"])
-    skips: list[dict] = []
-    converted: Counter = Counter()
-    counts = Counter()
+
+def _check_dedupe(dedupe: float | None) -> None:
+    if dedupe is not None and not -1.0 <= dedupe <= 1.0:
+        raise UsageError(f"dedupe must be a cosine similarity in [-1, 1], got {dedupe}")
+
+
+@dataclass
+class _Embedded:
+    """What the embedding pass kept: vectors (in batches) and records in input order, and what it skipped."""
+
+    vectors: list[np.ndarray] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
+    skips: list[dict] = field(default_factory=list)
+    converted_modes: Counter = field(default_factory=Counter)
+    counts: Counter = field(default_factory=Counter)  # read, embedded, precomputed
+
+    def add(self, vectors: np.ndarray, batch: list[_PreparedItem]) -> None:
+        self.vectors.append(np.ascontiguousarray(vectors, dtype=np.float32))
+        self.records.extend(prepared.item.record for prepared in batch)
+
+
+def _embed_sources(
+    sources: list[str], embedder: Embedder | None, preparer: "_ItemPreparer", batch_size: int, workers: int,
+    on_error: str, progress: bool,
+) -> _Embedded:
+    """Read every item (decoding in `workers` threads), embed images in batches and keep precomputed vectors."""
+    embedded = _Embedded()
     bar = _progress_bar(progress)
+    images: list[_PreparedItem] = []  # waiting for the model
+    precomputed: list[_PreparedItem] = []
 
-    def handle(prepared: _Prepared) -> None:
-        counts["read"] += 1
-        if prepared.skip is not None:
-            if on_error == "raise":
-                raise ImageDecodeError(f"{prepared.item.record['id']}: {prepared.skip}")
-            skips.append({"id": prepared.item.record["id"], "source": prepared.item.record.get("source"),
-                          "reason": prepared.skip})
+    def embed_images() -> None:
+        embedded.add(_embedded_batch(embedder, images), images)
+        embedded.counts["embedded"] += len(images)
+        bar.update(len(images))
+        images.clear()
 
-    prepare = _Preparer(embedder, spec["dim"], download, download_timeout, download_retries)
-    batch: list[_Prepared] = []  # images waiting for the model
-    vectors: list[_Prepared] = []  # precomputed vectors waiting for the collector
-    for prepared in _in_order(prepare, _all_items(sources), workers, window=max(2 * batch_size, 4 * workers)):
-        handle(prepared)
+    def keep_precomputed() -> None:
+        embedded.add(np.stack([prepared.vector for prepared in precomputed]), precomputed)
+        precomputed.clear()
+
+    window = max(2 * batch_size, 4 * workers)
+    for prepared in _mapped_in_order(preparer, _items_with_unique_ids(sources), workers, window):
+        embedded.counts["read"] += 1
         if prepared.skip is not None:
-            continue
-        if prepared.vector is not None:
-            counts["precomputed"] += 1
-            vectors.append(prepared)
-            if len(vectors) == batch_size:  # one dedupe search per batch, not per vector
-                collector.add(np.stack([p.vector for p in vectors]), [p.item.record for p in vectors])
-                vectors = []
-            continue
-        if prepared.mode != "RGB":
-            converted[prepared.mode] += 1
-        batch.append(prepared)
-        if len(batch) == batch_size:
-            collector.add(_embed(embedder, batch), [p.item.record for p in batch])
-            counts["embedded"] += len(batch)
-            bar.update(len(batch))
-            batch = []
-    if batch:
-        collector.add(_embed(embedder, batch), [p.item.record for p in batch])
-        counts["embedded"] += len(batch)
-        bar.update(len(batch))
-    if vectors:
-        collector.add(np.stack([p.vector for p in vectors]), [p.item.record for p in vectors])
+            _record_skip(embedded.skips, prepared, on_error)
+        elif prepared.vector is not None:
+            embedded.counts["precomputed"] += 1
+            precomputed.append(prepared)
+            if len(precomputed) == batch_size:
+                keep_precomputed()
+        else:
+            if prepared.mode != "RGB":
+                embedded.converted_modes[prepared.mode] += 1
+            images.append(prepared)
+            if len(images) == batch_size:
+                embed_images()
+    if images:
+        embed_images()
+    if precomputed:
+        keep_precomputed()
     bar.close()
+    return embedded
 
-    seconds = time.perf_counter() - started
-    report = {
+
+def _record_skip(skips: list[dict], prepared: _PreparedItem, on_error: str) -> None:
+    if on_error == "raise":
+        raise ImageDecodeError(f"{prepared.item.record['id']}: {prepared.skip}")
+    skips.append({"id": prepared.item.record["id"], "source": prepared.item.record.get("source"),
+                  "reason": prepared.skip})
+
+
+def _build_report(
+    sources: list[str], embedded: _Embedded, dedupe: float | None, folded: int, threshold: float, seconds: float
+) -> dict:
+    counts, skips = embedded.counts, embedded.skips
+    return {
         "sources": sources,
         "read": counts["read"],
         "embedded": counts["embedded"],
         "precomputed": counts["precomputed"],
         "skipped": len(skips),
         "skipped_by_reason": dict(Counter(skip["reason"].split(":")[0] for skip in skips)),
-        "converted_modes": dict(converted),
-        "deduplicated": collector.collapsed,
+        "converted_modes": dict(embedded.converted_modes),
+        "deduplicated": folded,
         "dedupe": dedupe,
-        "entries": len(collector.records),
+        "entries": len(embedded.records),
         "threshold": threshold,
         "seconds": round(seconds, 3),
         "images_per_second": round(counts["embedded"] / seconds, 2) if seconds > 0 else None,
         "skips": skips,
     }
-    if not collector.records:
-        raise BuildError(
-            f"no valid images in {sources}: all {len(skips)} items were skipped "
-            f"({', '.join(f'{n} {reason}' for reason, n in report['skipped_by_reason'].items()) or 'none found'})",
-            report,
-        )
-    blocklist = Blocklist(np.concatenate(collector.vectors), collector.records, spec=spec, threshold=threshold)
-    blocklist.build_report = report
-    return blocklist
+
+
+def fold_duplicates(vectors: np.ndarray, records: list[dict], dedupe: float) -> tuple[int, BlocklistIndex]:
+    """Group near-duplicate entries and fold their records into each group's first entry; returns (folded, index).
+
+    Vectors are never dropped: an image at the threshold to a duplicate can be far below it to the group's first
+    entry, so dropping the duplicate would lose that match. Only the records change, in place: the first entry of
+    a group (in input order) gets `duplicates` = the group's total count, and every other member gets
+    `duplicate_of` = that entry's id and `duplicates` = 0, so the counts sum to the number of images. A match on a
+    member names the member; its record says which group it belongs to.
+
+    A group is a connected component of the graph linking each vector to those of its `DEDUPE_NEIGHBOURS` nearest
+    neighbours at cosine >= `dedupe` (so members can chain below `dedupe`: that only merges records). Records that
+    were already folded (a merged blocklist) stay with their group. The search uses `BlocklistIndex` (exact up to
+    `EXACT_LIMIT` entries, IVF beyond), which is also returned so the build can store it.
+    """
+    _check_dedupe(dedupe)
+    index = BlocklistIndex(vectors)
+    group = _connected_components(len(vectors), _duplicate_links(index, vectors, records, dedupe))
+    first = np.full(len(vectors), len(vectors))
+    np.minimum.at(first, group, np.arange(len(vectors)))  # the first row of each group
+    totals = np.zeros(len(vectors), np.int64)
+    np.add.at(totals, group, [int(record.get("duplicates", 1)) for record in records])
+    folded = 0
+    for row, record in enumerate(records):
+        leader = int(first[group[row]])
+        if leader == row:
+            record.pop("duplicate_of", None)
+            record["duplicates"] = max(1, int(totals[group[row]]))
+        else:
+            record["duplicate_of"], record["duplicates"] = records[leader]["id"], 0
+            folded += 1
+    return folded, index
+
+
+def _duplicate_links(index: BlocklistIndex, vectors: np.ndarray, records: list[dict], dedupe: float) -> np.ndarray:
+    """(E, 2) row pairs that belong together: neighbours at cosine >= dedupe, and earlier folds."""
+    links = []
+    k = min(DEDUPE_NEIGHBOURS, len(vectors))
+    for start in range(0, len(vectors), 4096):
+        scores, ids = index.search(vectors[start : start + 4096], k=k)
+        rows, columns = np.nonzero((scores >= dedupe) & (ids >= 0))
+        links.append(np.stack([rows + start, ids[rows, columns]], axis=1))
+    row_of = {record["id"]: row for row, record in enumerate(records)}
+    earlier = [(row, row_of[r["duplicate_of"]]) for row, r in enumerate(records) if r.get("duplicate_of") in row_of]
+    links.append(np.asarray(earlier, dtype=np.int64).reshape(-1, 2))
+    return np.concatenate(links).astype(np.int64)
+
+
+def _connected_components(count: int, links: np.ndarray) -> np.ndarray:
+    """A component label per node (the smallest node of its component), by min-label propagation."""
+    label = np.arange(count)
+    while True:
+        smaller = np.minimum(label[links[:, 0]], label[links[:, 1]])
+        updated = label.copy()
+        np.minimum.at(updated, links[:, 0], smaller)
+        np.minimum.at(updated, links[:, 1], smaller)
+        updated = updated[updated]  # pointer jumping: follow labels to their own labels
+        if np.array_equal(updated, label):
+            return label
+        label = updated
 
 
 def merge_blocklists(
-    blocklists: Sequence[Blocklist], threshold: float | None = None, dedupe: float | None = None
+    blocklists: Sequence[Blocklist], threshold: float | None = None, dedupe: float | None = None, *, index: str = "auto"
 ) -> Blocklist:
     """One blocklist holding the entries of several, which must share one embedder spec.
 
     Args:
         threshold: the merged threshold (defaults to the first blocklist's).
-        dedupe: as in `build_blocklist`, across all inputs (earlier inputs keep their records).
+        dedupe: as in `build_blocklist`, across all inputs (earlier inputs' entries lead their groups).
+        index: the search index stored in the result (`store_trained_index`): `"auto"` (by size), or a kind.
 
     Raises:
         EmbedderMismatchError: the specs differ.
@@ -188,6 +304,7 @@ def merge_blocklists(
 
     if not blocklists:
         raise UsageError("blocklists is empty; pass at least one")
+    _check_dedupe(dedupe)
     first = blocklists[0]
     for position, other in enumerate(blocklists[1:], start=2):
         differences = spec_differences(first.spec, other.spec)
@@ -197,20 +314,19 @@ def merge_blocklists(
                 "with equal specs can be merged. Rebuild one with the other's model and weights"
             )
     seen: set[str] = set()
-    collector = _Collector(dedupe, first.dim)
     for blocklist in blocklists:
         clashes = seen.intersection(entry["id"] for entry in blocklist.entries)
         if clashes:
             raise BlocklistError(f"entry ids {sorted(clashes)[:5]} appear in more than one blocklist; ids must be unique")
         seen.update(entry["id"] for entry in blocklist.entries)
-        if len(blocklist):
-            collector.add(blocklist.embeddings, [dict(entry) for entry in blocklist.entries])
-    vectors = np.concatenate(collector.vectors) if collector.vectors else np.zeros((0, first.dim), np.float32)
-    return Blocklist(vectors, collector.records, spec=first.spec,
-                     threshold=first.threshold if threshold is None else threshold)
+    vectors = np.concatenate([first.embeddings[:0], *(blocklist.embeddings for blocklist in blocklists)])
+    records = [dict(entry) for blocklist in blocklists for entry in blocklist.entries]
+    folded, dedupe_index = fold_duplicates(vectors, records, dedupe) if dedupe is not None and len(vectors) else (0, None)
+    merged = Blocklist(vectors, records, spec=first.spec, threshold=first.threshold if threshold is None else threshold)
+    return store_trained_index(merged, index, index=dedupe_index)
 
 
-def _all_items(sources: list[str]) -> Iterator[Item]:
+def _items_with_unique_ids(sources: list[str]) -> Iterator[Item]:
     seen: Counter = Counter()
     for source in sources:
         for item in iter_items(source):
@@ -221,7 +337,7 @@ def _all_items(sources: list[str]) -> Iterator[Item]:
             yield item
 
 
-def _in_order(function, items: Iterable[Item], workers: int, window: int) -> Iterator[_Prepared]:
+def _mapped_in_order(function, items: Iterable[Item], workers: int, window: int) -> Iterator[_PreparedItem]:
     """`map(function, items)` on a thread pool, in order, with at most `window` items in flight."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="guardrail-build")
     pending: deque[Future] = deque()
@@ -236,16 +352,16 @@ def _in_order(function, items: Iterable[Item], workers: int, window: int) -> Ite
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-class _Preparer:
+class _ItemPreparer:
     """Runs in worker threads: fetch/read bytes, hash them, decode, and apply the embedder's transform."""
 
     def __init__(self, embedder: Embedder | None, dim: int, download: bool, timeout: float, retries: int) -> None:
         self.transform = getattr(embedder, "transform", None) if hasattr(embedder, "encode") else None
         self.dim, self.download, self.timeout, self.retries = dim, download, timeout, retries
 
-    def __call__(self, item: Item) -> _Prepared:
+    def __call__(self, item: Item) -> _PreparedItem:
         if item.vector is not None:
-            return self._vector(item)
+            return self._checked_vector(item)
         if item.url is not None and item.path is None and item.data is None:
             if not self.download:
                 raise UsageError(
@@ -257,85 +373,43 @@ class _Preparer:
             try:
                 item.data = fetch(item.url, timeout=self.timeout, retries=self.retries)
             except DownloadError as error:
-                return _Prepared(item, skip=f"download failed: {error}")
+                return _PreparedItem(item, skip=f"download failed: {error}")
         if item.path is not None:
             try:
                 with open(item.path, "rb") as handle:
                     item.data = handle.read()
             except OSError as error:
-                return _Prepared(item, skip=f"unreadable path: {error.strerror or error}")
+                return _PreparedItem(item, skip=f"unreadable path: {error.strerror or error}")
         if item.data is None:
-            return _Prepared(item, skip="no image: the record has no path, URL or image data")
+            return _PreparedItem(item, skip="no image: the record has no path, URL or image data")
         item.record["sha256"] = hashlib.sha256(item.data).hexdigest()
         try:
             image = load_image(io.BytesIO(item.data), name=item.record["id"])
         except ImageDecodeError as error:
             reason = "decompression bomb" if "decompression bomb" in str(error) else "cannot decode"
-            return _Prepared(item, skip=f"{reason}: {error}")
+            return _PreparedItem(item, skip=f"{reason}: {error}")
         finally:
             item.data = None  # keep memory flat: the bytes are not needed any more
         pixels = self.transform(image) if self.transform is not None else image
-        return _Prepared(item, pixels=pixels, mode=image.info.get("source_mode", "RGB"))
+        return _PreparedItem(item, pixels=pixels, mode=image.info.get("source_mode", "RGB"))
 
-    def _vector(self, item: Item) -> _Prepared:
+    def _checked_vector(self, item: Item) -> _PreparedItem:
         vector = item.vector
         if vector.shape != (self.dim,):
-            return _Prepared(item, skip=f"bad vector: shape {vector.shape}, expected ({self.dim},)")
+            return _PreparedItem(item, skip=f"bad vector: shape {vector.shape}, expected ({self.dim},)")
         norm = float(np.linalg.norm(vector))
         if not np.isfinite(vector).all() or abs(norm - 1.0) > UNIT_NORM_TOLERANCE:
-            return _Prepared(item, skip=f"bad vector: not finite and unit-norm (norm {norm:.4f})")
-        return _Prepared(item, vector=(vector / norm).astype(np.float32))
+            return _PreparedItem(item, skip=f"bad vector: not finite and unit-norm (norm {norm:.4f})")
+        return _PreparedItem(item, vector=(vector / norm).astype(np.float32))
 
 
-def _embed(embedder: Any, batch: list[_Prepared]) -> np.ndarray:
+def _embedded_batch(embedder: Any, batch: list[_PreparedItem]) -> np.ndarray:
     inputs = [p.pixels for p in batch]
     if hasattr(embedder, "encode") and getattr(embedder, "transform", None) is not None:
         import torch
 
         return embedder.encode(torch.stack(inputs))
     return embedder.embed(inputs)
-
-
-class _Collector:
-    """Keeps vectors and records in input order; with `dedupe`, folds near-duplicates into the first kept entry."""
-
-    def __init__(self, dedupe: float | None, dim: int) -> None:
-        self.dedupe = dedupe
-        self.vectors: list[np.ndarray] = []
-        self.records: list[dict] = []
-        self.collapsed = 0
-        self._index = None
-        if dedupe is not None:
-            import faiss
-
-            self._index = faiss.IndexFlatIP(dim)
-
-    def add(self, vectors: np.ndarray, records: list[dict]) -> None:
-        if self._index is None:
-            self.vectors.append(vectors)
-            self.records.extend(records)
-            return
-        scores, ids = self._index.search(vectors, 1) if self._index.ntotal else (None, None)
-        batch_kept: list[int] = []  # rows of this batch that became entries
-        for row, record in enumerate(records):
-            target = int(ids[row, 0]) if scores is not None and scores[row, 0] >= self.dedupe else -1
-            if target < 0 and batch_kept:
-                within = vectors[batch_kept] @ vectors[row]
-                best = int(np.argmax(within))
-                if within[best] >= self.dedupe:
-                    target = len(self.records) - len(batch_kept) + best
-            if target >= 0:
-                self.records[target]["duplicates"] = self.records[target].get("duplicates", 1) + record.get(
-                    "duplicates", 1
-                )
-                self.collapsed += 1
-                continue
-            self.records.append(record)
-            batch_kept.append(row)
-        if batch_kept:
-            kept = np.ascontiguousarray(vectors[batch_kept], dtype=np.float32)
-            self.vectors.append(kept)
-            self._index.add(kept)
 
 
 def _progress_bar(enabled: bool):

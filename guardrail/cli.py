@@ -99,8 +99,6 @@ def cmd_build(args: argparse.Namespace) -> int:
     """Build a blocklist from SOURCEs; writes it (and the report) atomically, or nothing at all."""
     from .build import BuildError, build_blocklist
     from .embedders import OpenCLIPEmbedder, open_clip_spec
-    from .index import BlocklistIndex
-    from .index import choose_kind as choose_index_kind
     from .sources import source_kind
 
     precomputed_only = all(source_kind(source) == "embeddings" for source in args.sources)
@@ -121,14 +119,12 @@ def cmd_build(args: argparse.Namespace) -> int:
             workers=args.workers,
             download=args.download,
             progress=args.progress if args.progress is not None else sys.stderr.isatty(),
+            index=args.index,
         )
     except BuildError as error:
         if args.report:
             _write_json_atomically(args.report, {**error.report, "output": None, "error": str(error)})
         raise
-    kind = choose_index_kind(len(blocklist), blocklist.dim) if args.index == "auto" else args.index
-    if kind != "flat":  # store the trained index: loading a large blocklist then needs no training
-        blocklist.attach_index(BlocklistIndex.from_blocklist(blocklist, kind=kind))
     blocklist.save(args.output, dtype="float16" if args.float16 else "float32")
     report = {**blocklist.build_report, "output": args.output}
     if args.report:

@@ -210,7 +210,7 @@ def test_on_error_raise_stops_at_the_first_bad_item(tmp_path, embedder):
         build_blocklist(str(root), embedder, on_error="raise")
 
 
-def test_dedupe_collapses_copies_and_counts_them(tmp_path, embedder):
+def test_dedupe_folds_the_records_of_copies_and_keeps_every_vector(tmp_path, embedder):
     root = tmp_path / "dupes"
     root.mkdir()
     for name in ("a1", "a2", "a3"):
@@ -218,10 +218,73 @@ def test_dedupe_collapses_copies_and_counts_them(tmp_path, embedder):
     photo(1).save(root / "b.png")
     photo(0).save(root / "a4.jpg", quality=95)  # a near-copy
     blocklist = build_blocklist(str(root), embedder, dedupe=0.99, batch_size=2)
-    by_id = {entry["id"]: entry["duplicates"] for entry in blocklist.entries}
-    assert by_id == {"a1.png": 4, "b.png": 1}
-    assert blocklist.build_report["deduplicated"] == 3
-    assert len(build_blocklist(str(root), embedder).entries) == 5, "without dedupe every entry stays"
+    records = {entry["id"]: (entry["duplicates"], entry.get("duplicate_of")) for entry in blocklist.entries}
+    assert records == {"a1.png": (4, None), "a2.png": (0, "a1.png"), "a3.png": (0, "a1.png"),
+                       "a4.jpg": (0, "a1.png"), "b.png": (1, None)}
+    assert len(blocklist.embeddings) == 5 and sum(duplicates for duplicates, _ in records.values()) == 5
+    assert blocklist.build_report["deduplicated"] == 3 and blocklist.build_report["dedupe"] == 0.99
+    assert all("duplicate_of" not in entry for entry in build_blocklist(str(root), embedder).entries)
+
+
+def near(anchor: np.ndarray, towards: np.ndarray, cosine: float) -> np.ndarray:
+    """The unit vector at `cosine` to `anchor`, rotated towards `towards`."""
+    orthogonal = towards - (towards @ anchor) * anchor
+    orthogonal /= np.linalg.norm(orthogonal)
+    return (cosine * anchor + np.sqrt(1 - cosine**2) * orthogonal).astype(np.float32)
+
+
+def write_embedding_folder(folder: Path, vectors: np.ndarray) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (folder / "img_emb").mkdir(parents=True)
+    (folder / "metadata").mkdir()
+    np.save(folder / "img_emb" / "img_emb_0.npy", vectors)
+    pq.write_table(pa.Table.from_pylist([{"key": f"k{i}"} for i in range(len(vectors))]),
+                   folder / "metadata" / "metadata_0.parquet")
+    return folder
+
+
+def test_an_image_near_a_folded_duplicate_still_matches(tmp_path, embedder):
+    """dedupe 0.97 at threshold 0.95: an image at 0.95 to the duplicate is about 0.85 from the entry kept first."""
+    from guardrail import BlocklistIndex
+
+    rng = np.random.default_rng(0)
+    first, away = (v / np.linalg.norm(v) for v in rng.standard_normal((2, embedder.dim)))
+    duplicate = near(first, away, 0.975)
+    generated = near(duplicate, away, 0.95)  # further from `first`, on the duplicate's far side
+    assert float(generated @ first) < 0.87
+    source = write_embedding_folder(tmp_path / "emb", np.stack([first, duplicate]))
+    blocklist = build_blocklist(str(source), None, spec=embedder.spec, threshold=0.95, dedupe=0.97)
+    assert [entry.get("duplicate_of") for entry in blocklist.entries] == [None, "k0"]
+    scores, ids = BlocklistIndex.from_blocklist(blocklist).search(generated[None], k=1)
+    assert scores[0, 0] >= blocklist.threshold and ids[0, 0] == 1, "the duplicate's vector is still searched"
+
+
+def test_merging_with_dedupe_keeps_earlier_groups_whole_and_counts_once(embedder):
+    rng = np.random.default_rng(1)
+    base, away, other = (v / np.linalg.norm(v) for v in rng.standard_normal((3, embedder.dim)))
+    first = Blocklist(np.stack([base, near(base, away, 0.999)]), [{"id": "a"}, {"id": "b"}], spec=embedder.spec)
+    first = merge_blocklists([first], dedupe=0.99)
+    second = Blocklist(np.stack([near(base, away, 0.995), other]), [{"id": "c"}, {"id": "d"}], spec=embedder.spec)
+    merged = merge_blocklists([first, second], dedupe=0.99)
+    records = {entry["id"]: (entry["duplicates"], entry.get("duplicate_of")) for entry in merged.entries}
+    assert records == {"a": (3, None), "b": (0, "a"), "c": (0, "a"), "d": (1, None)}
+    assert len(merged.embeddings) == 4
+
+
+def test_large_groups_of_identical_copies_fold_into_one_entry(embedder):
+    from guardrail.build import DEDUPE_NEIGHBOURS, fold_duplicates
+
+    rng = np.random.default_rng(2)
+    distinct = rng.standard_normal((50, embedder.dim)).astype(np.float32)
+    distinct /= np.linalg.norm(distinct, axis=1, keepdims=True)
+    copies = 4 * DEDUPE_NEIGHBOURS  # more copies than neighbours searched per vector
+    vectors = np.concatenate([distinct[:1].repeat(copies, axis=0), distinct])
+    records = [{"id": str(i), "duplicates": 1} for i in range(len(vectors))]
+    folded, _ = fold_duplicates(vectors, records, 0.99)
+    assert folded == copies and records[0]["duplicates"] == copies + 1
+    assert {record.get("duplicate_of") for record in records[1 : copies + 1]} == {"0"}
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -401,3 +464,32 @@ def test_the_cli_restores_the_sigterm_handler(folder, weights_file, tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     main(["info", str(tmp_path / "missing.safetensors")])
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_build_and_merge_store_the_trained_index_that_auto_chooses(tmp_path, embedder, monkeypatch):
+    from guardrail import index as index_module
+
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((60, embedder.dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    source = write_embedding_folder(tmp_path / "emb", vectors)
+    assert build_blocklist(str(source), None, spec=embedder.spec).index_kind is None, "exact search stores nothing"
+    monkeypatch.setattr(index_module, "EXACT_LIMIT", 10)  # what 20,001 entries would get, at 60 entries
+    built = build_blocklist(str(source), None, spec=embedder.spec)
+    assert built.index_kind == "ivf-sq8" and built.faiss_index is not None
+    loaded = Blocklist.load(built.save(tmp_path / "built.safetensors"))
+    assert index_module.BlocklistIndex.from_blocklist(loaded).kind == "ivf-sq8", "loading reuses it"
+    first = Blocklist(vectors[:30], [{"id": f"a{i}"} for i in range(30)], spec=embedder.spec)
+    second = Blocklist(vectors[30:], [{"id": f"b{i}"} for i in range(30)], spec=embedder.spec)
+    assert merge_blocklists([first, second]).index_kind == "ivf-sq8"
+    assert merge_blocklists([first, second], index="hnsw").index_kind == "hnsw"
+    assert build_blocklist(str(source), None, spec=embedder.spec, index="flat").index_kind is None
+    with pytest.raises(UsageError, match="index must be"):
+        build_blocklist(str(source), None, spec=embedder.spec, index="ivf")
+
+
+def test_the_build_command_stores_the_index_it_is_asked_for(folder, weights_file, tmp_path):
+    out = tmp_path / "bl.safetensors"
+    common = ["--model", "ViT-S-32", "--pretrained", str(weights_file)]
+    assert main(["build", str(folder), "-o", str(out), "--index", "hnsw", *common]) == 0
+    assert Blocklist.load(out).index_kind == "hnsw"
