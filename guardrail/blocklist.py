@@ -34,7 +34,7 @@ _STORED_DTYPES = frozenset({"F16", "F32", "U8"})  # safetensors names of float16
 _REQUIRED_METADATA = ("format", "format_version", "spec", "threshold", "count", "created", "content_sha256")
 
 
-def _now() -> str:
+def _utc_now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
@@ -80,14 +80,14 @@ class Blocklist:
             entries = [{"id": str(i)} for i in range(len(embeddings))]
         if len(entries) != len(embeddings):
             raise BlocklistError(f"{len(entries)} entries for {len(embeddings)} embeddings; there must be one each")
-        self.entries = [_normalize_entry(entry, i) for i, entry in enumerate(entries)]
+        self.entries = [_entry_with_defaults(entry, i) for i, entry in enumerate(entries)]
         ids = [entry["id"] for entry in self.entries]
         if len(set(ids)) != len(ids):
             duplicate = next(i for i, count in Counter(ids).items() if count > 1)
             raise BlocklistError(f"entry ids must be unique; {duplicate!r} appears more than once")
         self.spec = dict(spec)
         self.threshold = check_threshold(threshold)
-        self.created = created or _now()
+        self.created = created or _utc_now_iso()
         if (faiss_index is None) != (index_kind is None):
             raise BlocklistError("faiss_index and index_kind come together: pass both or neither")
         self.faiss_index = None if faiss_index is None else np.ascontiguousarray(faiss_index, dtype=np.uint8)
@@ -195,59 +195,85 @@ class Blocklist:
         """
         tensors, metadata = _read_safetensors(Path(path))
         where = os.fspath(path)
-        if metadata.get("format") != FORMAT:
-            raise BlocklistError(f"{where} is not a guardrail blocklist (metadata format={metadata.get('format')!r})")
-        if metadata.get("format_version") != FORMAT_VERSION:
-            raise BlocklistError(
-                f"{where} has format_version {metadata.get('format_version')!r}; this guardrail reads version "
-                f"{FORMAT_VERSION}. Upgrade guardrail or rebuild the blocklist"
-            )
-        missing = [key for key in _REQUIRED_METADATA if key not in metadata]
-        if missing:
-            raise BlocklistError(f"{where} lacks metadata {missing}")
-        if not {"embeddings", "entries"} <= set(tensors) <= {"embeddings", "entries", "index"}:
-            raise BlocklistError(
-                f"{where} must hold tensors 'embeddings' and 'entries' (and optionally 'index'), found {sorted(tensors)}"
-            )
-        stored_index = tensors.get("index")
-        if stored_index is not None and (stored_index.dtype != np.uint8 or stored_index.ndim != 1):
-            raise BlocklistError(f"{where}: index must be a 1-D uint8 tensor, got {stored_index.dtype} {stored_index.shape}")
-        if (stored_index is None) != ("index_kind" not in metadata):
-            raise BlocklistError(f"{where}: the 'index' tensor and the 'index_kind' metadata come together")
-        embeddings, entries_bytes = tensors["embeddings"], tensors["entries"]
-        if embeddings.dtype not in (np.float16, np.float32) or embeddings.ndim != 2:
-            raise BlocklistError(f"{where}: embeddings must be float16/float32 (N, dim), got {embeddings.dtype} {embeddings.shape}")
-        if entries_bytes.dtype != np.uint8 or entries_bytes.ndim != 1:
-            raise BlocklistError(f"{where}: entries must be a 1-D uint8 tensor, got {entries_bytes.dtype} {entries_bytes.shape}")
-        expected = content_sha256(tensors, metadata)
-        if metadata["content_sha256"] != expected:
-            raise BlocklistError(
-                f"{where} failed its checksum (stored {metadata['content_sha256'][:12]}…, computed {expected[:12]}…): "
-                "the file was modified or corrupted. Rebuild it or restore a good copy"
-            )
+        _check_format(where, metadata)
+        _check_tensor_layout(where, tensors, metadata)
+        _check_checksum(where, tensors, metadata)
+        spec, threshold, count, entries = _parsed_metadata_and_entries(where, metadata, tensors["entries"])
+        _check_counts(where, count, tensors["embeddings"], entries, spec)
         try:
-            spec = json.loads(metadata["spec"])
-            threshold = float(metadata["threshold"])
-            count = int(metadata["count"])
-            # Split on "\n" only: str.splitlines() also splits on U+2028, U+0085 etc., which json.dumps leaves
-            # unescaped inside captions, so one record would become two broken lines.
-            text = entries_bytes.tobytes().decode("utf-8")
-            entries = [json.loads(line) for line in text.removesuffix("\n").split("\n")] if text else []
-        except (ValueError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: absurdly nested JSON
-            raise BlocklistError(f"{where} has unreadable metadata or entries: {error}") from error
-        if not isinstance(spec, dict) or not all(isinstance(entry, dict) for entry in entries):
-            raise BlocklistError(f"{where}: spec and every entry must be JSON objects")
-        if count != len(embeddings) or count != len(entries):
-            raise BlocklistError(
-                f"{where}: count says {count} but there are {len(embeddings)} embeddings and {len(entries)} entries"
-            )
-        if spec.get("dim") != embeddings.shape[1]:
-            raise BlocklistError(f"{where}: spec dim {spec.get('dim')} != embeddings dim {embeddings.shape[1]}")
-        try:
-            return cls(embeddings, entries, spec=spec, threshold=threshold, created=metadata["created"],
-                       faiss_index=stored_index, index_kind=metadata.get("index_kind"))
+            return cls(tensors["embeddings"], entries, spec=spec, threshold=threshold, created=metadata["created"],
+                       faiss_index=tensors.get("index"), index_kind=metadata.get("index_kind"))
         except (BlocklistError, UsageError) as error:
             raise BlocklistError(f"{where}: {error}") from error
+
+
+def _check_format(where: str, metadata: dict[str, str]) -> None:
+    """Ours, a version this code reads, and every required metadata key present."""
+    if metadata.get("format") != FORMAT:
+        raise BlocklistError(f"{where} is not a guardrail blocklist (metadata format={metadata.get('format')!r})")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise BlocklistError(
+            f"{where} has format_version {metadata.get('format_version')!r}; this guardrail reads version "
+            f"{FORMAT_VERSION}. Upgrade guardrail or rebuild the blocklist"
+        )
+    missing = [key for key in _REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise BlocklistError(f"{where} lacks metadata {missing}")
+
+
+def _check_tensor_layout(where: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """The expected tensor names, dtypes and ranks; an `index` tensor only with its `index_kind`."""
+    if not {"embeddings", "entries"} <= set(tensors) <= {"embeddings", "entries", "index"}:
+        raise BlocklistError(
+            f"{where} must hold tensors 'embeddings' and 'entries' (and optionally 'index'), found {sorted(tensors)}"
+        )
+    stored_index = tensors.get("index")
+    if stored_index is not None and (stored_index.dtype != np.uint8 or stored_index.ndim != 1):
+        raise BlocklistError(f"{where}: index must be a 1-D uint8 tensor, got {stored_index.dtype} {stored_index.shape}")
+    if (stored_index is None) != ("index_kind" not in metadata):
+        raise BlocklistError(f"{where}: the 'index' tensor and the 'index_kind' metadata come together")
+    embeddings, entries_bytes = tensors["embeddings"], tensors["entries"]
+    if embeddings.dtype not in (np.float16, np.float32) or embeddings.ndim != 2:
+        raise BlocklistError(f"{where}: embeddings must be float16/float32 (N, dim), got {embeddings.dtype} {embeddings.shape}")
+    if entries_bytes.dtype != np.uint8 or entries_bytes.ndim != 1:
+        raise BlocklistError(f"{where}: entries must be a 1-D uint8 tensor, got {entries_bytes.dtype} {entries_bytes.shape}")
+
+
+def _check_checksum(where: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    expected = content_sha256(tensors, metadata)
+    if metadata["content_sha256"] != expected:
+        raise BlocklistError(
+            f"{where} failed its checksum (stored {metadata['content_sha256'][:12]}…, computed {expected[:12]}…): "
+            "the file was modified or corrupted. Rebuild it or restore a good copy"
+        )
+
+
+def _parsed_metadata_and_entries(
+    where: str, metadata: dict[str, str], entries_bytes: np.ndarray
+) -> tuple[dict, float, int, list[dict]]:
+    """(spec, threshold, count, entries) from their JSON and string forms, or a `BlocklistError`."""
+    try:
+        spec = json.loads(metadata["spec"])
+        threshold = float(metadata["threshold"])
+        count = int(metadata["count"])
+        # Split on "\n" only: str.splitlines() also splits on U+2028, U+0085 etc., which json.dumps leaves
+        # unescaped inside captions, so one record would become two broken lines.
+        text = entries_bytes.tobytes().decode("utf-8")
+        entries = [json.loads(line) for line in text.removesuffix("\n").split("\n")] if text else []
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: absurdly nested JSON
+        raise BlocklistError(f"{where} has unreadable metadata or entries: {error}") from error
+    if not isinstance(spec, dict) or not all(isinstance(entry, dict) for entry in entries):
+        raise BlocklistError(f"{where}: spec and every entry must be JSON objects")
+    return spec, threshold, count, entries
+
+
+def _check_counts(where: str, count: int, embeddings: np.ndarray, entries: list[dict], spec: dict) -> None:
+    if count != len(embeddings) or count != len(entries):
+        raise BlocklistError(
+            f"{where}: count says {count} but there are {len(embeddings)} embeddings and {len(entries)} entries"
+        )
+    if spec.get("dim") != embeddings.shape[1]:
+        raise BlocklistError(f"{where}: spec dim {spec.get('dim')} != embeddings dim {embeddings.shape[1]}")
 
 
 def content_sha256(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
@@ -341,7 +367,7 @@ def check_threshold(threshold: float) -> float:
     return threshold
 
 
-def _normalize_entry(entry: Any, row: int) -> dict:
+def _entry_with_defaults(entry: Any, row: int) -> dict:
     if not isinstance(entry, dict) or "id" not in entry:
         raise BlocklistError(f"entry {row} must be a dict with an 'id', got {entry!r:.80}")
     record = {"caption": None, "source": None, "sha256": None, "duplicates": 1, **entry}
