@@ -126,3 +126,55 @@ def write_seeded_open_clip_weights(path: str | os.PathLike, model: str = "ViT-S-
     path = Path(path)
     save_file(state, str(path))
     return path
+
+
+def tiny_stable_diffusion_xl_pipeline(seed: int = 0):  # -> diffusers.StableDiffusionXLPipeline
+    """A real `StableDiffusionXLPipeline` of seeded tiny components (two text encoders, CLIP's real tokenizer)."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,  # 6 micro-conditioning values x 8 + the 32-d pooled text embedding
+        cross_attention_dim=64,  # the two text encoders' hidden states, concatenated
+        norm_num_groups=2,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear", timestep_spacing="leading"
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[4, 8],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=2,
+    )
+    config = CLIPTextConfig(
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32, intermediate_size=64,
+        layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408, projection_dim=32,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(config)
+    text_encoder_2 = CLIPTextModelWithProjection(config)
+    tokenizer = clip_tokenizer()
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer,
+        unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -67,9 +67,13 @@ def unguarded(sd_pipe):
 
 @pytest.fixture(scope="session")
 def memorized_blocklist(unguarded, embedder):
-    """A blocklist holding the image that seed 1 really generates: the 'memorized training image'."""
+    """A blocklist holding the image that seed 1 really generates: the 'memorized training image'.
+
+    Its caption is not the prompt itself, so the caption trigger stays out of tests about plain resampling.
+    """
     return Blocklist.from_images(
-        [unguarded[1]], embedder, entries=[{"id": "seed-1", "caption": PROMPT}], threshold=TEST_THRESHOLD
+        [unguarded[1]], embedder, entries=[{"id": "seed-1", "caption": f"{PROMPT}, training photo"}],
+        threshold=TEST_THRESHOLD,
     )
 
 

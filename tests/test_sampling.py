@@ -1,0 +1,152 @@
+"""Detection while sampling: the step-1 memorization score from the CFG batch, and the early blocklist check.
+
+Through real tiny `StableDiffusionPipeline` and `StableDiffusionXLPipeline` objects built from configs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import PROMPT, generators
+
+from guardrail import Blocklist, Guard, GuardedPipeline, UsageError, Verdict
+from guardrail.offline import tiny_stable_diffusion_xl_pipeline
+
+STEPS = 5
+
+
+def always_matching_guard(embedder, image):
+    return Guard(Blocklist.from_images([image], embedder, threshold=-1.0), embedder)
+
+
+def hooks_are_gone(pipe):
+    return not pipe.unet._forward_hooks and "step" not in vars(pipe.scheduler)
+
+
+def test_memorization_score_is_the_guidance_difference_at_step_1(sd_pipe, guard):
+    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = GuardedPipeline(sd_pipe, guard, action="flag")(
+        prompt=PROMPT, latents=latents, num_inference_steps=2, guidance_scale=7.5
+    )
+    cond, uncond = sd_pipe.encode_prompt(PROMPT, "cpu", 1, True)
+    sd_pipe.scheduler.set_timesteps(2)
+    t = sd_pipe.scheduler.timesteps[0]
+    x = sd_pipe.scheduler.scale_model_input(latents * sd_pipe.scheduler.init_noise_sigma, t)
+    with torch.no_grad():
+        difference = sd_pipe.unet(x, t, encoder_hidden_states=cond).sample - sd_pipe.unet(
+            x, t, encoder_hidden_states=uncond).sample
+    assert out.guardrail.memorization[0] == pytest.approx(difference.flatten(1).norm(dim=1).item(), rel=1e-4)
+    assert hooks_are_gone(sd_pipe)
+
+
+def test_memorization_score_is_per_image_and_none_without_cfg(sd_pipe, guard):
+    guarded = GuardedPipeline(sd_pipe, guard, action="flag")
+    batch = guarded(prompt=[PROMPT, "a blue sphere"], num_inference_steps=2, generator=generators(range(2)))
+    alone = guarded(prompt=["a blue sphere"], num_inference_steps=2, generator=generators([1]))
+    assert batch.guardrail.memorization[1] == pytest.approx(alone.guardrail.memorization[0], rel=1e-4)
+    assert batch.guardrail.memorization[0] != pytest.approx(batch.guardrail.memorization[1], rel=1e-3)
+    no_cfg = guarded(prompt=PROMPT, num_inference_steps=2, guidance_scale=1.0, generator=generators([0]))
+    assert no_cfg.guardrail.memorization == [None]
+
+
+def test_denoiser_steps_count_the_cfg_batch_as_the_pipeline_runs_it(sd_pipe, guard):
+    guarded = GuardedPipeline(sd_pipe, guard, action="flag")
+    assert guarded(prompt=PROMPT, num_inference_steps=STEPS).guardrail.denoiser_steps == [2 * STEPS]
+    assert guarded(prompt=PROMPT, num_inference_steps=STEPS, guidance_scale=1.0).guardrail.denoiser_steps == [STEPS]
+
+
+def test_early_check_interrupts_a_batch_whose_every_slot_matched(sd_pipe, embedder, unguarded):
+    guard = always_matching_guard(embedder, unguarded[0])
+    stopped = GuardedPipeline(sd_pipe, guard, action="reject")(
+        prompt=PROMPT, num_images_per_prompt=2, num_inference_steps=STEPS, generator=generators(range(2)))
+    report = stopped.guardrail
+    assert report.stopped_at == [1, 1], "0.2 of 5 steps: checked after step 1"
+    assert report.denoiser_steps == [2.0, 2.0], "one CFG step instead of five"
+    assert report.blocked == [True, True] and all(np.asarray(image).max() == 0 for image in stopped.images)
+    finished = GuardedPipeline(sd_pipe, guard, action="reject", early_check=())(
+        prompt=PROMPT, num_images_per_prompt=2, num_inference_steps=STEPS, generator=generators(range(2)))
+    assert finished.guardrail.stopped_at == [None, None] and finished.guardrail.denoiser_steps == [10.0, 10.0]
+    assert hooks_are_gone(sd_pipe)
+
+
+class EarlyOnlyGuard:
+    """Matches slot 0 of the first check it sees (the early x̂0 check), and nothing afterwards."""
+
+    threshold = 0.5
+
+    def __init__(self):
+        self.calls = 0
+
+    def check(self, images):
+        self.calls += 1
+        first = self.calls == 1
+        return [Verdict(first and i == 0, 0.9 if first and i == 0 else 0.1, "e" if first and i == 0 else None, None)
+                for i in range(len(images))]
+
+
+def test_a_slot_stopped_early_keeps_its_early_verdict_and_leaves_the_others_untouched(sd_pipe):
+    plain = sd_pipe(prompt=PROMPT, num_images_per_prompt=2, num_inference_steps=STEPS, generator=generators(range(2)))
+    out = GuardedPipeline(sd_pipe, EarlyOnlyGuard(), action="reject")(
+        prompt=PROMPT, num_images_per_prompt=2, num_inference_steps=STEPS, generator=generators(range(2)))
+    report = out.guardrail
+    assert report.stopped_at == [1, None]
+    assert report.matched == [True, False] and report.blocked == [True, False]
+    assert report.denoiser_steps == [10.0, 10.0], "a mixed batch runs to the end"
+    assert np.array_equal(np.asarray(out.images[1]), np.asarray(plain.images[1]))
+
+
+def test_flag_never_stops_early(sd_pipe, embedder, unguarded):
+    out = GuardedPipeline(sd_pipe, always_matching_guard(embedder, unguarded[0]), action="flag")(
+        prompt=PROMPT, num_inference_steps=STEPS, generator=generators([0]))
+    assert out.guardrail.stopped_at == [None] and out.guardrail.denoiser_steps == [10.0]
+
+
+def test_hooks_are_removed_when_the_call_raises(sd_pipe, guard):
+    def broken(pipe, step, timestep, callback_kwargs):
+        raise RuntimeError("caller's callback failed")
+
+    with pytest.raises(RuntimeError, match="caller's callback"):
+        GuardedPipeline(sd_pipe, guard)(prompt=PROMPT, num_inference_steps=2, callback_on_step_end=broken)
+    assert hooks_are_gone(sd_pipe)
+
+
+def test_bad_input_gets_a_clear_error_not_a_crash_in_a_hook(sd_pipe, guard):
+    guarded = GuardedPipeline(sd_pipe, guard)
+    with pytest.raises(UsageError, match="empty list"):
+        guarded(prompt=[], num_inference_steps=2)
+    with pytest.raises(UsageError, match="NaN"):
+        guarded(prompt=PROMPT, num_inference_steps=2, latents=torch.full((1, 4, 32, 32), float("nan")))
+    with pytest.raises(UsageError, match="early_check"):
+        GuardedPipeline(sd_pipe, guard, early_check=(1.5,))
+    assert hooks_are_gone(sd_pipe)
+
+
+def test_sdxl_gets_a_score_and_the_early_check(embedder):
+    pipe = tiny_stable_diffusion_xl_pipeline(seed=0)
+    kwargs = dict(prompt=PROMPT, num_inference_steps=STEPS, height=64, width=64, generator=generators([0]))
+    plain = pipe(**kwargs).images[0]
+    flagged = GuardedPipeline(pipe, always_matching_guard(embedder, plain), action="flag")(
+        **{**kwargs, "generator": generators([0])})
+    assert flagged.guardrail.memorization[0] is not None and flagged.guardrail.memorization[0] > 0
+    assert np.array_equal(np.asarray(flagged.images[0]), np.asarray(plain)), "the hooks change no pixel"
+    stopped = GuardedPipeline(pipe, always_matching_guard(embedder, plain), action="reject")(
+        **{**kwargs, "generator": generators([0])})
+    assert stopped.guardrail.stopped_at == [1]
+    assert hooks_are_gone(pipe)
+
+
+def test_a_pipeline_without_cfg_gets_no_score(embedder):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, layers_per_block=1)
+    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=10))
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe(batch_size=2, num_inference_steps=2, generator=generators(range(2)))
+    guard = Guard(Blocklist.from_images([plain.images[0]], embedder, threshold=0.9999), embedder)
+    out = GuardedPipeline(pipe, guard, action="flag")(batch_size=2, num_inference_steps=2, generator=generators(range(2)))
+    assert out.guardrail.memorization == [None, None]
+    assert out.guardrail.matched == [True, False]
