@@ -1,7 +1,8 @@
 """`GuardedPipeline` against the bare pipeline when nothing matches, and a projection to Stable Diffusion 1.5.
 
-Measured, same run: the tiny offline StableDiffusionPipeline, bare and guarded (seeded ViT-S-32 embedder, a
-blocklist of synthetic vectors that nothing matches). Because the tiny pipeline costs far less than a real one,
+Measured, same run, interleaved: the tiny offline StableDiffusionPipeline bare; with the sampling hooks alone (the
+memorization score from the CFG batch); with the early x̂0 check; and the whole `GuardedPipeline` (seeded ViT-S-32
+embedder, a blocklist of synthetic vectors that nothing matches). Because the tiny pipeline costs far less than a real one,
 the measured ratio overstates the guard's share; so the script also times `Guard.check` per image with the
 production embedder's architecture (ViT-L-14, random weights: a forward pass costs the same whatever the weights)
 and projects it onto a cited SD 1.5 generation time.
@@ -15,7 +16,7 @@ import argparse
 import tempfile
 
 import numpy as np
-from timing import median_seconds
+from timing import interleaved_median_seconds, median_seconds
 
 # Stable Diffusion v1.5, 512x512, 50 steps, PyTorch fp16 on an NVIDIA A10: 2.95 s per image. Source: the
 # DeciDiffusion-v1-0 model card (huggingface.co/Deci/DeciDiffusion-v1-0), latency comparison table.
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from guardrail import Blocklist, Guard, GuardedPipeline, OpenCLIPEmbedder
     from guardrail.offline import tiny_stable_diffusion_pipeline, write_seeded_open_clip_weights
+    from guardrail.sampling import DEFAULT_EARLY_CHECK, SamplingMonitor
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
@@ -57,8 +59,15 @@ def main(argv: list[str] | None = None) -> dict:
     call = dict(prompt="a photograph of an astronaut riding a horse", num_images_per_prompt=args.images,
                 num_inference_steps=args.steps)
     seeds = lambda: [torch.Generator().manual_seed(s) for s in range(args.images)]  # noqa: E731
-    bare = median_seconds(lambda: pipe(**call, generator=seeds()), args.repeats)
-    wrapped = median_seconds(lambda: guarded(**call, generator=seeds()), args.repeats)
+    def hooked(early_check: tuple) -> None:
+        with SamplingMonitor(pipe, guarded.guard, early_check=early_check):
+            pipe(**call, generator=seeds())
+
+    bare, hooks, early, wrapped = interleaved_median_seconds(
+        [lambda: pipe(**call, generator=seeds()), lambda: hooked(()), lambda: hooked(DEFAULT_EARLY_CHECK),
+         lambda: guarded(**call, generator=seeds())],
+        args.repeats,
+    )
     assert not any(guarded(**call, generator=seeds()).guardrail.matched), "the benchmark assumes no match"
 
     production = guard_for(args.production_model)
@@ -70,23 +79,32 @@ def main(argv: list[str] | None = None) -> dict:
     print("| measured on this CPU | s / call | ratio |")
     print("|---|---:|---:|")
     print(f"| tiny SD pipeline, {args.steps} steps, bare | {bare:.3f} | 1.00 |")
+    print(f"| same + sampling hooks (memorization score, step counter) | {hooks:.3f} | {hooks / bare:.3f} |")
+    print(f"| same + early x̂0 check at {DEFAULT_EARLY_CHECK} of the schedule | {early:.3f} | {early / bare:.3f} |")
     print(f"| same, `GuardedPipeline` (ViT-S-32 guard), nothing matches | {wrapped:.3f} | {wrapped / bare:.2f} |")
     print(f"\n`Guard.check` with {args.production_model} on this CPU: {per_image * 1e3:.0f} ms per 512x512 image.")
     print(f"Projection: SD 1.5 at 50 steps takes {SD15_A10_SECONDS_PER_IMAGE} s per image on an A10 (fp16, cited); "
           f"a CPU-side guard adds {per_image / SD15_A10_SECONDS_PER_IMAGE:.1%} to that when run serially, nothing "
           "when it overlaps the next generation.")
-    result = {"bare_s": bare, "guarded_s": wrapped, "ratio": wrapped / bare, "production_check_s_per_image": per_image}
+    result = {"bare_s": bare, "hooks_s": hooks, "early_check_s": early, "guarded_s": wrapped, "ratio": wrapped / bare,
+              "production_check_s_per_image": per_image}
     if args.flops:
-        guard_flops, sd_flops = count_flops(production, args.production_model)
+        guard_flops, sd_flops, decode_flops = count_flops(production, args.production_model)
         print(f"On one device, by FLOPs counted here: one {args.production_model} image forward is "
               f"{guard_flops / 1e9:.0f} GFLOPs; one SD 1.5 image (50 UNet steps with classifier-free guidance + VAE "
               f"decode) is {sd_flops / 1e12:.1f} TFLOPs: the guard is {guard_flops / sd_flops:.2%} of generation.")
-        result.update(guard_gflops=guard_flops / 1e9, sd15_tflops=sd_flops / 1e12)
+        checks = len(DEFAULT_EARLY_CHECK)
+        early_flops = checks * (guard_flops + decode_flops)
+        print(f"The early check decodes x̂0 and embeds it {checks} times: {early_flops / 1e12:.2f} TFLOPs, "
+              f"{early_flops / sd_flops:.1%} of an SD 1.5 generation that runs to the end; a copy stopped at 20% of "
+              f"the schedule costs {(0.2 * (sd_flops - decode_flops) + early_flops / checks) / sd_flops:.0%} of one.")
+        result.update(guard_gflops=guard_flops / 1e9, sd15_tflops=sd_flops / 1e12,
+                      early_check_share_of_sd15=early_flops / sd_flops)
     return result
 
 
-def count_flops(guard, model: str) -> tuple[float, float]:
-    """FLOPs of one guard image forward and of one SD 1.5 image, counted with torch's FlopCounterMode.
+def count_flops(guard, model: str) -> tuple[float, float, float]:
+    """FLOPs of one guard image forward, of one SD 1.5 image, and of its VAE decode, with torch's FlopCounterMode.
 
     The SD 1.5 UNet and VAE are built from their published configs with random weights (FLOPs do not depend on
     weight values).
@@ -113,7 +131,7 @@ def count_flops(guard, model: str) -> tuple[float, float]:
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
     ).eval()
     decode = flops(lambda: vae.decode(torch.zeros(1, 4, 64, 64)))
-    return guard_flops, 50 * step + decode
+    return guard_flops, 50 * step + decode, decode
 
 
 if __name__ == "__main__":

@@ -16,3 +16,17 @@ def median_seconds(function: Callable[[], object], repeats: int) -> float:
         function()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+def interleaved_median_seconds(functions: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Median wall time of each function, run in turn within every round (so drift on a shared machine hits all
+    alike), after one warm-up round."""
+    for function in functions:
+        function()
+    samples: list[list[float]] = [[] for _ in functions]
+    for _ in range(repeats):
+        for index, function in enumerate(functions):
+            start = time.perf_counter()
+            function()
+            samples[index].append(time.perf_counter() - start)
+    return [statistics.median(times) for times in samples]

@@ -22,6 +22,9 @@ BUNDLED_CONFIGS = Path(__file__).resolve().parent / "assets" / "open_clip"
 
 # Keys of a spec that do not change the vectors, so two specs that differ only there still match.
 _NON_IDENTITY_KEYS = frozenset({"weights_file", "precision", "device", "batch_size", "open_clip_version"})
+# Keys that name the weights; compared together by `_weights_difference` (a tag or a sha256 can name the same file).
+_WEIGHTS_KEYS = frozenset({"pretrained", "weights_sha256", "published_sha256"})
+_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 
 
 @runtime_checkable
@@ -42,19 +45,48 @@ def spec_identity(spec: dict) -> dict:
 
 
 def spec_differences(expected: dict, actual: dict) -> list[str]:
-    """Human-readable `key: expected != actual` lines for every identity key that differs."""
+    """Human-readable `key: expected != actual` lines for every identity key that differs.
+
+    The weights match when both specs name the same pretrained tag, or when they share a sha256: a blocklist built
+    from the `openai` tag accepts a local copy of the very same file (see `known_weights_sha256s`).
+    """
+    weights = _weights_difference(expected, actual)
     expected, actual = spec_identity(expected), spec_identity(actual)
-    return [
+    return sorted(([weights] if weights else []) + [
         f"{key}: {expected.get(key)!r} != {actual.get(key)!r}"
-        for key in sorted(set(expected) | set(actual))
-        if _normalize(expected.get(key)) != _normalize(actual.get(key))
-    ]
+        for key in sorted((set(expected) | set(actual)) - _WEIGHTS_KEYS)
+        if _json_comparable(expected.get(key)) != _json_comparable(actual.get(key))
+    ])
 
 
-def _normalize(value: Any) -> Any:
+def known_weights_sha256s(spec: dict) -> set[str]:
+    """The sha256 digests of weights files that make this spec's vectors.
+
+    For a weights file, its own digest. For a pretrained tag, the digest of the file open_clip loaded (recorded when
+    it was found in open_clip's cache) and the one open_clip's config publishes for the tag (OpenAI's URLs carry it).
+    """
+    return {spec[key] for key in ("weights_sha256", "published_sha256") if isinstance(spec.get(key), str)}
+
+
+def _weights_difference(expected: dict, actual: dict) -> str | None:
+    """None when both specs name the same weights: the same tag, a sha256 they share, or (files) equal digests."""
+    expected_tag, actual_tag = expected.get("pretrained"), actual.get("pretrained")
+    if expected_tag and expected_tag == actual_tag:
+        return None
+    if known_weights_sha256s(expected) & known_weights_sha256s(actual):
+        return None
+    if not expected_tag and not actual_tag:
+        if expected.get("weights_sha256") == actual.get("weights_sha256"):
+            return None
+        return f"weights_sha256: {expected.get('weights_sha256')!r} != {actual.get('weights_sha256')!r}"
+    known = sorted(known_weights_sha256s(expected if expected_tag else actual)) or "none recorded"
+    return f"pretrained: {expected_tag!r} != {actual_tag!r} (sha256 known for the tag: {known})"
+
+
+def _json_comparable(value: Any) -> Any:
     # JSON round trips turn tuples into lists; compare them as equal.
     if isinstance(value, (list, tuple)):
-        return [_normalize(item) for item in value]
+        return [_json_comparable(item) for item in value]
     return value
 
 
@@ -117,6 +149,16 @@ class OpenCLIPEmbedder:
             converting them to PIL images first. `"auto"` does so for tensors already on a GPU; CPU inputs then go
             through PIL, which gives the same vectors for `pil`, `np` and `pt` outputs to 1e-6. The tensor path
             skips the 8-bit rounding and PIL's resampler: cosine to the PIL path stays above 0.999 (see tests).
+        quick_gelu (`bool`, *optional*):
+            Force QuickGELU on or off. By default it follows the model config and the tag (see below). A local copy
+            of a QuickGELU tag's weights (`openai`) needs `quick_gelu=True`; `embedder_from_spec` passes it.
+        preprocess_cfg (`dict`, *optional*):
+            Overrides of `mean`, `std`, `interpolation` and `resize_mode`, for a local copy of a tag's weights whose
+            tag config sets them (as `embedder_from_spec` does from the blocklist's spec).
+
+    A spec built from a pretrained tag also records the sha256 of the weights file open_clip loaded (when it is
+    found in open_clip's cache) and the sha256 open_clip's config publishes for the tag, so an air-gapped machine can
+    load a local copy of that file instead (`embedder_from_spec(spec, pretrained=PATH)`).
 
     Tags trained with QuickGELU (all `openai` weights) are loaded with QuickGELU even when the model name lacks the
     `-quickgelu` suffix; open_clip would otherwise only warn and silently produce degraded vectors.
@@ -130,6 +172,9 @@ class OpenCLIPEmbedder:
         batch_size: int = 32,
         precision: str = "fp32",
         tensor_preprocess: bool | str = "auto",
+        *,
+        quick_gelu: bool | None = None,
+        preprocess_cfg: dict | None = None,
     ) -> None:
         import open_clip
         import torch
@@ -141,12 +186,14 @@ class OpenCLIPEmbedder:
             )
         if batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {batch_size}")
-        static_spec = open_clip_spec(model, pretrained)  # validates the model name, tag or file
+        # Validates the model name, tag or file.
+        static_spec = open_clip_spec(model, pretrained, quick_gelu=quick_gelu, preprocess_cfg=preprocess_cfg)
         pretrained = os.fspath(pretrained)
-        quick_gelu = static_spec["quick_gelu"]
+        overrides = {f"image_{key}": static_spec[key] for key in _PREPROCESS_KEYS if key in (preprocess_cfg or {})}
         try:
             clip_model, _, preprocess = open_clip.create_model_and_transforms(
-                model, pretrained=pretrained, device=device, precision=precision, force_quick_gelu=quick_gelu
+                model, pretrained=pretrained, device=device, precision=precision,
+                force_quick_gelu=static_spec["quick_gelu"], **overrides,
             )
         except (RuntimeError, OSError, ValueError) as error:  # missing download, corrupt or mismatched weights
             raise GuardrailError(f"open_clip could not load {model!r} with pretrained={pretrained!r}: {error}") from error
@@ -175,6 +222,9 @@ class OpenCLIPEmbedder:
             "dim": self.dim,
             "precision": precision,
         }
+        loaded = None if static_spec["pretrained"] is None else cached_weights_path(model, static_spec["pretrained"])
+        if loaded is not None:  # the file open_clip just loaded for the tag: pin it, for air-gapped copies
+            self.spec["weights_sha256"] = file_sha256(loaded)
 
     @property
     def device(self) -> str:
@@ -222,6 +272,15 @@ class OpenCLIPEmbedder:
         if self._use_tensor_path(images):
             return self.encode(self.preprocess_tensor(images))
         return self.encode(self.preprocess(images))
+
+    def embed_with_grad(self, images: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+        """NCHW float images in [0, 1] -> unit vectors as a torch tensor that gradients flow through.
+
+        The same preprocessing as the tensor path of `embed`; for steering a sampler away from an entry.
+        """
+        pixels = self.preprocess_tensor(images).to(self._device, dtype=self._dtype)
+        vectors = self._model.encode_image(pixels).float()
+        return self._torch.nn.functional.normalize(vectors, dim=-1)
 
     def _use_tensor_path(self, images: Any) -> bool:
         if not (self.tensor_preprocess and hasattr(images, "is_cuda") and getattr(images, "ndim", 0) in (3, 4)):
@@ -281,10 +340,13 @@ class OpenCLIPEmbedder:
         return f"OpenCLIPEmbedder({self.spec['model']!r}, pretrained={source!r}, device={str(self._device)!r})"
 
 
-def open_clip_spec(model: str, pretrained: str | os.PathLike) -> dict:
-    """The spec `OpenCLIPEmbedder(model, pretrained)` has, from open_clip's configs alone: no weights are loaded.
+def open_clip_spec(
+    model: str, pretrained: str | os.PathLike, *, quick_gelu: bool | None = None, preprocess_cfg: dict | None = None
+) -> dict:
+    """The spec `OpenCLIPEmbedder(model, pretrained, ...)` has, from open_clip's configs alone: no weights are loaded.
 
-    For vectors computed elsewhere with that model, such as LAION's precomputed CLIP embeddings.
+    For vectors computed elsewhere with that model, such as LAION's precomputed CLIP embeddings. For a tag, the
+    spec records the sha256 open_clip's config publishes for its file (`published_sha256`) when it gives a full one.
     """
     import open_clip
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
@@ -303,13 +365,18 @@ def open_clip_spec(model: str, pretrained: str | os.PathLike) -> dict:
             f"{pretrained!r} is not a pretrained tag of {model!r}; known tags: "
             f"{open_clip.list_pretrained_tags_by_model(model)} (or pass a local weights file)"
         )
-    preprocess = merge_preprocess_dict(PreprocessCfg(), {**config.get("preprocess_cfg", {}), **tag_config})
+    unknown = sorted(set(preprocess_cfg or {}) - set(_PREPROCESS_KEYS))
+    if unknown:
+        raise UsageError(f"preprocess_cfg may set {list(_PREPROCESS_KEYS)}, not {unknown}")
+    preprocess = merge_preprocess_dict(
+        PreprocessCfg(), {**config.get("preprocess_cfg", {}), **tag_config, **(preprocess_cfg or {})}
+    )
     size = config["vision_cfg"].get("image_size", preprocess["size"])
     spec = {
         "family": "open_clip",
         "model": model,
         "pretrained": None if is_file else pretrained,
-        "quick_gelu": quick_gelu_required(model, None if is_file else pretrained),
+        "quick_gelu": quick_gelu_required(model, None if is_file else pretrained) if quick_gelu is None else bool(quick_gelu),
         "image_size": list(size) if isinstance(size, (list, tuple)) else [size, size],
         "mean": list(preprocess["mean"]),
         "std": list(preprocess["std"]),
@@ -322,7 +389,52 @@ def open_clip_spec(model: str, pretrained: str | os.PathLike) -> dict:
     if is_file:
         spec["weights_file"] = os.path.basename(pretrained)
         spec["weights_sha256"] = file_sha256(pretrained)
+    elif _published_sha256(tag_config.get("url", "")):
+        spec["published_sha256"] = _published_sha256(tag_config["url"])
     return spec
+
+
+def _published_sha256(url: str) -> str | None:
+    """The full sha256 in an open_clip weights URL (OpenAI's: `.../models/<sha256>/ViT-B-32.pt`), else None.
+
+    open_clip's own release URLs carry only an 8-digit prefix: too short to pin a file, so it is not used.
+    """
+    parts = url.rstrip("/").split("/")
+    digest = parts[-2].lower() if len(parts) >= 2 else ""
+    return digest if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest) else None
+
+
+def cached_weights_path(model: str, tag: str, cache_dir: str | None = None) -> str | None:
+    """The weights file open_clip loads for `(model, tag)` from its caches, found without network access; or None.
+
+    Mirrors `open_clip.pretrained.download_pretrained`: the Hugging Face Hub entry when huggingface_hub is installed
+    (its `.safetensors` alternative first), else the URL's file in `~/.cache/clip`.
+    """
+    import open_clip
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    config = open_clip.get_pretrained_cfg(model, tag) or {}
+    if config.get("file"):
+        return config["file"] if os.path.isfile(config["file"]) else None
+    if config.get("hf_hub"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            try_to_load_from_cache = None
+        if try_to_load_from_cache is not None:
+            repo, filename = os.path.split(config["hf_hub"])
+            filename = filename or HF_WEIGHTS_NAME
+            safe = [HF_SAFE_WEIGHTS_NAME] if filename == HF_WEIGHTS_NAME else (
+                [filename[:-4] + ".safetensors"] if filename.endswith((".bin", ".pth")) else [])
+            for name in [*safe, filename]:
+                found = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
+                if isinstance(found, str) and os.path.isfile(found):
+                    return found
+            return None
+    if config.get("url"):
+        found = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(config["url"]))
+        return found if os.path.isfile(found) else None
+    return None
 
 
 _MAX_ASPECT = 16  # far beyond any generated image
@@ -357,31 +469,65 @@ def embedder_from_spec(
 ) -> OpenCLIPEmbedder:
     """Rebuild the embedder a blocklist was built with, from its stored spec.
 
-    A spec that names a pretrained tag is rebuilt from that tag. A spec built from a weights file needs the file
-    again (`pretrained=PATH`), and its sha256 must match. Raises `EmbedderMismatchError` when it cannot be rebuilt
-    or the result differs.
+    A spec that names a pretrained tag is rebuilt from that tag, or from a local copy of its weights file
+    (`pretrained=PATH`) whose sha256 the spec records (`known_weights_sha256s`): the air-gapped path. A spec built
+    from a weights file needs that file again. QuickGELU and preprocessing follow the spec. Raises
+    `EmbedderMismatchError` when it cannot be rebuilt, the file's sha256 is not the spec's, or the result differs.
     """
     if spec.get("family") != "open_clip" or not spec.get("model"):
         raise EmbedderMismatchError(
             f"cannot rebuild an embedder of family {spec.get('family')!r} (model {spec.get('model')!r}); pass one yourself"
         )
+    options = {"device": device, "batch_size": batch_size, "precision": precision or spec.get("precision", "fp32")}
     if pretrained is None:
-        pretrained = spec.get("pretrained")
-        if pretrained is None:
-            raise EmbedderMismatchError(
-                f"the blocklist was built from a local weights file ({spec.get('weights_file')!r}, sha256 "
-                f"{spec.get('weights_sha256')}); pass that file again (--pretrained PATH on the command line)"
-            )
-    elif os.path.isfile(pretrained) and spec.get("weights_sha256") not in (None, file_sha256(pretrained)):
-        raise EmbedderMismatchError(
-            f"weights file {os.fspath(pretrained)!r} does not match the blocklist: its sha256 differs from "
-            f"{spec.get('weights_sha256')} ({spec.get('weights_file')!r})"
-        )
-    embedder = OpenCLIPEmbedder(
-        spec["model"], pretrained, device=device, batch_size=batch_size,
-        precision=precision or spec.get("precision", "fp32"),
-    )
+        embedder = _embedder_from_tag(spec, options)
+    else:
+        if os.path.isfile(pretrained):
+            _check_weights_file(spec, pretrained)
+            options["quick_gelu"] = spec.get("quick_gelu")
+            options["preprocess_cfg"] = {key: spec[key] for key in _PREPROCESS_KEYS if key in spec}
+        embedder = OpenCLIPEmbedder(spec["model"], pretrained, **options)
     differences = spec_differences(spec, embedder.spec)
     if differences:
         raise EmbedderMismatchError("the rebuilt embedder differs from the blocklist's: " + "; ".join(differences))
     return embedder
+
+
+def _embedder_from_tag(spec: dict, options: dict) -> OpenCLIPEmbedder:
+    tag = spec.get("pretrained")
+    if tag is None:
+        raise EmbedderMismatchError(
+            f"the blocklist was built from a local weights file ({spec.get('weights_file')!r}, sha256 "
+            f"{spec.get('weights_sha256')}); pass that file again (--pretrained PATH on the command line)"
+        )
+    try:
+        return OpenCLIPEmbedder(spec["model"], tag, **options)
+    except GuardrailError as error:
+        if type(error) is not GuardrailError:  # a usage or mismatch error says what to fix already
+            raise
+        known = sorted(known_weights_sha256s(spec))
+        copy = f"a local copy of its weights file (sha256 {' or '.join(known)})" if known else (
+            "no local copy: this blocklist records no sha256 of the tag's weights")
+        raise GuardrailError(
+            f"{error}. Offline? The blocklist accepts {copy}; pass it with --pretrained PATH (pretrained=PATH)"
+        ) from error
+
+
+def _check_weights_file(spec: dict, path: str | os.PathLike) -> None:
+    """Refuse a weights file whose sha256 is not one the spec records for its weights."""
+    known = known_weights_sha256s(spec)
+    if not known:
+        if spec.get("pretrained"):
+            raise EmbedderMismatchError(
+                f"the blocklist names pretrained tag {spec['pretrained']!r} but records no sha256 of its weights, so the "
+                f"local file {os.fspath(path)!r} cannot be verified. Load the tag itself (--pretrained "
+                f"{spec['pretrained']}), or rebuild the blocklist with this guardrail, which records it"
+            )
+        return
+    digest = file_sha256(path)
+    if digest not in known:
+        source = f"tag {spec['pretrained']!r}" if spec.get("pretrained") else repr(spec.get("weights_file"))
+        raise EmbedderMismatchError(
+            f"weights file {os.fspath(path)!r} does not match the blocklist: its sha256 {digest} is not "
+            f"{' or '.join(sorted(known))} ({source})"
+        )

@@ -8,6 +8,7 @@ output type, with a `guardrail` report attached.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -27,10 +28,14 @@ from .blocklist import Blocklist
 from .embedders import Embedder, embedder_from_spec
 from .errors import GuardrailError, ResampleExhaustedError, UsageError
 from .guard import Guard, Verdict
+from .detector import MemorizationThreshold
+from .mitigation import STAGES, Reseed, Stage, StageAttempt, resolve_stages
+from .sampling import DEFAULT_EARLY_CHECK, SamplingMonitor, check_call_inputs, validate_early_check
 
 logger = logging.getLogger(__name__)
 
 ACTIONS = ("resample", "reject", "flag")
+DEFAULT_STRATEGIES = ("reseed", "delay_guidance", "perturb_prompt")
 ON_EXHAUSTED = ("black", "raise", "keep")
 
 SAVED_FOLDER = "guardrail"
@@ -48,7 +53,19 @@ class GuardReport:
         attempts: how many times each slot was generated, starting at 1.
         blocked: whether each image was replaced with a black image.
         exhausted: whether each slot still matched after `max_attempts` generations.
-        action: the action the pipeline was configured with.
+        action: the action this call ran with.
+        memorization: the step-1 memorization score of each slot's first generation (Wen et al.'s d, the norm of
+            the conditional minus the unconditional prediction, averaged over the first `memorization_steps`
+            denoiser calls); None where the pipeline ran no classifier-free-guidance batch.
+        stopped_at: the denoising step at which the early blocklist check stopped the slot's first generation
+            (steps completed), or None when it ran to the end.
+        denoiser_steps: denoiser evaluations each slot cost over all its generations, CFG halves counted as the
+            pipeline runs them (a 25-step CFG generation costs 50).
+        stages: what produced each delivered image: `"first"` (the caller's own generation), the name of the
+            mitigation stage whose attempt succeeded (`"reseed"`, `"delay_guidance"`, ...), or `"refused"` when every
+            attempt matched (the image is black, raised, or kept and flagged, as `on_exhausted` says).
+        triggered: whether a stage-0 trigger (memorization score at or above `memorization_threshold`, or a prompt
+            that is a blocklisted caption) sent the slot straight to the first mitigation stage.
     """
 
     verdicts: list[Verdict]
@@ -56,6 +73,11 @@ class GuardReport:
     blocked: list[bool]
     exhausted: list[bool] = field(default_factory=list)
     action: str = "resample"
+    memorization: list[float | None] = field(default_factory=list)
+    stopped_at: list[int | None] = field(default_factory=list)
+    denoiser_steps: list[float] = field(default_factory=list)
+    stages: list[str] = field(default_factory=list)
+    triggered: list[bool] = field(default_factory=list)
 
     @property
     def resampled(self) -> list[bool]:
@@ -72,6 +94,11 @@ class GuardReport:
             "attempts": self.attempts,
             "blocked": self.blocked,
             "exhausted": self.exhausted,
+            "memorization": self.memorization,
+            "stopped_at": self.stopped_at,
+            "denoiser_steps": self.denoiser_steps,
+            "stages": self.stages,
+            "triggered": self.triggered,
         }
 
 
@@ -100,6 +127,30 @@ class GuardedPipeline:
             What `"resample"` does with a slot that still matches after `max_attempts`: `"black"` replaces it,
             `"raise"` raises `ResampleExhaustedError` (with the other slots' images attached), `"keep"` returns it
             flagged in the report.
+        strategies (`tuple`, *optional*, defaults to `("reseed", "delay_guidance", "perturb_prompt")`):
+            The escalation stages `"resample"` tries on matched slots, in order, one attempt each (the last one
+            repeats while attempts remain): names from `guardrail.mitigation.STAGES` (`"reseed"`,
+            `"delay_guidance"`, `"perturb_prompt"`, `"steer_away"`) or your own `Stage` objects. Every result is
+            checked by the guard; a slot is refused only when `max_attempts` generations all matched.
+        memorization_threshold (`float`, `MemorizationThreshold` or path, *optional*):
+            A calibrated threshold on the step-1 memorization score (`guardrail.detector.calibrate_memorization`).
+            A slot at or above it is *triggered*: if it then matches, it starts at the first stage that is not a
+            plain reseed (a reseed of a memorized prompt gives the same image back).
+        match_captions (`bool`, *optional*, defaults to `True`):
+            Also trigger a slot whose prompt is, after normalization, the caption of a blocklist entry.
+        skip_triggered (`bool`, *optional*, defaults to `False`):
+            When every slot of a call is triggered, stop the first generation right after the score's steps and go
+            straight to mitigation, instead of finishing it (saves nearly a whole generation of a likely copy). Off
+            by default: a trigger is not a verdict, and a triggered slot that would not have matched then changes.
+        memorization_steps (`int`, *optional*, defaults to 1):
+            Denoiser calls the memorization score (`GuardReport.memorization`) averages over.
+        early_check (`tuple[float]`, *optional*, defaults to `(0.2, 0.4)`):
+            Fractions of the schedule after which the scheduler's x̂0 prediction is decoded and checked against the
+            blocklist; a slot that matches is judged then, and a batch whose every slot matched is interrupted
+            instead of finished. `()` turns the check off. It is off for `"flag"`, and for the last attempt under
+            `on_exhausted="keep"` (both promise a finished image).
+        early_margin (`float`, *optional*, defaults to 0.0):
+            The early check stops a slot whose x̂0 scores at least `threshold - early_margin`.
 
     Each call also takes `guardrail_action=`, `guardrail_max_attempts=` and `guardrail_on_exhausted=`, which override
     the settings above for that call only.
@@ -115,7 +166,10 @@ class GuardedPipeline:
     sees the first generation only.
     """
 
-    _WRAPPER_ATTRIBUTES = frozenset({"pipe", "guard", "action", "max_attempts", "on_exhausted", "_signature"})
+    _WRAPPER_ATTRIBUTES = frozenset(
+        {"pipe", "guard", "action", "max_attempts", "on_exhausted", "strategies", "memorization_threshold",
+         "match_captions", "skip_triggered", "memorization_steps", "early_check", "early_margin", "_signature", "_captions"}
+    )
 
     def __init__(
         self,
@@ -124,18 +178,41 @@ class GuardedPipeline:
         action: str = "resample",
         max_attempts: int = 4,
         on_exhausted: str = "black",
+        strategies: Sequence[str | Stage] = DEFAULT_STRATEGIES,
+        memorization_threshold: float | MemorizationThreshold | str | os.PathLike | None = None,
+        match_captions: bool = True,
+        skip_triggered: bool = False,
+        memorization_steps: int = 1,
+        early_check: Sequence[float] | None = DEFAULT_EARLY_CHECK,
+        early_margin: float = 0.0,
     ) -> None:
         if not callable(pipe):
             raise UsageError(f"pipe must be a callable diffusers pipeline, got {type(pipe).__name__}")
         if not callable(getattr(guard, "check", None)):
             raise UsageError(f"guard must be a guardrail.Guard (or have its check(images) method), got {type(guard).__name__}")
         _check_settings(action, max_attempts, on_exhausted)
-        object.__setattr__(self, "pipe", pipe)
-        object.__setattr__(self, "guard", guard)
-        object.__setattr__(self, "action", action)
-        object.__setattr__(self, "max_attempts", max_attempts)
-        object.__setattr__(self, "on_exhausted", on_exhausted)
-        object.__setattr__(self, "_signature", inspect.signature(pipe.__call__))
+        if isinstance(memorization_steps, bool) or not isinstance(memorization_steps, int) or memorization_steps < 1:
+            raise UsageError(f"memorization_steps must be an integer >= 1, got {memorization_steps!r}")
+        if isinstance(memorization_threshold, (str, os.PathLike)):
+            memorization_threshold = MemorizationThreshold.load(memorization_threshold)
+        if isinstance(memorization_threshold, MemorizationThreshold):
+            memorization_threshold = memorization_threshold.threshold
+        self.__dict__.update(
+            pipe=pipe,
+            guard=guard,
+            action=action,
+            max_attempts=max_attempts,
+            on_exhausted=on_exhausted,
+            strategies=resolve_stages(strategies),
+            memorization_threshold=None if memorization_threshold is None else float(memorization_threshold),
+            match_captions=bool(match_captions),
+            skip_triggered=bool(skip_triggered),
+            memorization_steps=memorization_steps,
+            early_check=validate_early_check(early_check, early_margin),
+            early_margin=float(early_margin),
+            _signature=inspect.signature(pipe.__call__),
+            _captions=(None, frozenset()),  # (blocklist, its normalized captions), cached per blocklist
+        )
 
     @classmethod
     def from_pretrained(
@@ -147,6 +224,8 @@ class GuardedPipeline:
         action: str | None = None,
         max_attempts: int | None = None,
         on_exhausted: str | None = None,
+        strategies: Sequence[str | Stage] | None = None,
+        memorization_threshold: float | MemorizationThreshold | str | os.PathLike | None = None,
         threshold: float | None = None,
         embedder_device: str | None = None,
         embedder_pretrained: str | os.PathLike | None = None,
@@ -161,8 +240,8 @@ class GuardedPipeline:
             blocklist: a `Blocklist` or the path of a blocklist file; defaults to the one `save_pretrained` saved.
             embedder: the embedder to use; by default it is rebuilt from the blocklist's spec (its pretrained tag,
                 or `embedder_pretrained`: the weights file a blocklist built from a local file needs again).
-            action, max_attempts, on_exhausted, threshold: as for `GuardedPipeline` and `Guard`; by default the
-                saved settings, else the defaults.
+            action, max_attempts, on_exhausted, strategies, memorization_threshold, threshold: as for
+                `GuardedPipeline` and `Guard`; by default the saved settings, else the defaults.
             embedder_device: where the rebuilt embedder runs; by default it follows the pipeline's device and dtype.
             pipeline_class: the pipeline class to load with (defaults to `diffusers.DiffusionPipeline`).
             **pipeline_kwargs: passed to `from_pretrained` (`torch_dtype`, `local_files_only`, `variant`, ...).
@@ -193,6 +272,9 @@ class GuardedPipeline:
             action=action or saved.get("action", "resample"),
             max_attempts=max_attempts or saved.get("max_attempts", 4),
             on_exhausted=on_exhausted or saved.get("on_exhausted", "black"),
+            strategies=strategies or saved.get("strategies", DEFAULT_STRATEGIES),
+            memorization_threshold=(memorization_threshold if memorization_threshold is not None
+                                    else saved.get("memorization_threshold")),
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
@@ -200,7 +282,12 @@ class GuardedPipeline:
 
         `GuardedPipeline.from_pretrained(save_directory)` then restores the whole guarded pipeline. The embedder is
         rebuilt from the blocklist's spec; one made from a local weights file needs `embedder_pretrained=` again.
+        Strategies are saved by name: custom stage objects or parameters must be passed again.
         """
+        unknown = [stage.name for stage in self.strategies if stage.name not in STAGES]
+        if unknown:
+            raise UsageError(f"strategies {unknown} are custom stages that cannot be saved by name: save the pipeline "
+                             "with .pipe.save_pretrained(...) and pass strategies= again when loading")
         if not isinstance(self.guard, Guard):
             raise UsageError(
                 f"save_pretrained saves a guardrail.Guard's blocklist, and this guard is a {type(self.guard).__name__}: "
@@ -215,6 +302,8 @@ class GuardedPipeline:
             "max_attempts": self.max_attempts,
             "on_exhausted": self.on_exhausted,
             "threshold": self.guard.threshold,
+            "strategies": [stage.name for stage in self.strategies],
+            "memorization_threshold": self.memorization_threshold,
         }
         temporary = folder / "guardrail_config.json.tmp"
         temporary.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
@@ -238,7 +327,7 @@ class GuardedPipeline:
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self._WRAPPER_ATTRIBUTES:
-            object.__setattr__(self, name, value)
+            self.__dict__[name] = value
         else:
             setattr(self.pipe, name, value)
 
@@ -264,18 +353,21 @@ class GuardedPipeline:
                 "output_type='latent' cannot be guarded: latents are not images. Use 'pil', 'np' or 'pt'; with an "
                 "SDXL base + refiner, guard the refiner (the call that returns images), not the base"
             )
-        output = self.pipe(**with_attempt_fields(call, attempt=1, slots=None))
+        check_call_inputs(call)
+        escalating = action == "resample" and max_attempts > 1
+        early = action != "flag" and not (action == "resample" and on_exhausted == "keep" and max_attempts == 1)
+        monitor = self._monitor(early, triggers=self._trigger_rows(call) if escalating else None)
+        output, record = self._generate(call, 1, None, monitor)
         images = _writable(_images_of(output))
         count = len(images)
         fields = _per_image_fields(output, count)  # e.g. nsfw_content_detected: kept in step with the images
-        verdicts = self.guard.check(images)
-        attempts, blocked, exhausted = [1] * count, [False] * count, [False] * count
+        verdicts = _judged(self.guard.check(images), record, count)
+        slots = _SlotLedger(count, record.denoiser_steps_per_image(count))
+        triggered = record.triggered if len(record.triggered) == count else [False] * count
 
         pending: list[int] = []
         if action == "resample":
-            pending = self._resample(call, images, fields, verdicts, attempts, max_attempts)
-            for slot in pending:
-                exhausted[slot] = True
+            pending = self._escalate(call, images, fields, verdicts, slots, triggered, max_attempts, on_exhausted)
             to_block = pending if on_exhausted in ("black", "raise") else []
         elif action == "reject":
             to_block = [slot for slot, verdict in enumerate(verdicts) if verdict.matched]
@@ -284,8 +376,18 @@ class GuardedPipeline:
 
         for slot in to_block:
             images[slot] = _black_like(images[slot])
-            blocked[slot] = True
-        report = GuardReport(verdicts, attempts, blocked, exhausted, action)
+        report = GuardReport(
+            verdicts,
+            slots.attempts,
+            blocked=[slot in to_block for slot in range(count)],
+            exhausted=[slot in pending for slot in range(count)],
+            action=action,
+            memorization=record.memorization(self.memorization_steps, count),
+            stopped_at=record.stops(count),
+            denoiser_steps=slots.steps,
+            stages=["refused" if slot in pending else slots.stages[slot] for slot in range(count)],
+            triggered=triggered,
+        )
         guarded = _with_images(output, images, fields, report)
         if pending and on_exhausted == "raise":
             raise ResampleExhaustedError(
@@ -303,33 +405,111 @@ class GuardedPipeline:
             )
         return guarded
 
-    def _resample(
-        self, call: dict, images: Any, fields: dict, verdicts: list, attempts: list[int], max_attempts: int
+    def _monitor(self, early: bool, triggers: list[int] | None = None) -> SamplingMonitor:
+        return SamplingMonitor(
+            self.pipe,
+            self.guard,
+            early_check=self.early_check if early else (),
+            early_margin=self.early_margin,
+            trigger_threshold=self.memorization_threshold if triggers is not None else None,
+            trigger_rows=triggers or (),
+            memorization_steps=self.memorization_steps,
+            interrupt_when_all_triggered=self.skip_triggered,
+        )
+
+    def _generate(
+        self, call: dict, attempt: int, slots: list[int] | None, monitor: SamplingMonitor, stage_hooks: Any = None
+    ) -> tuple[Any, Any]:
+        """One pipeline call with the monitor's hooks (and then a stage's) attached for this call only."""
+        with monitor, stage_hooks or contextlib.nullcontext():
+            output = self.pipe(**with_attempt_fields(call, attempt, slots))
+        return output, monitor.record
+
+    def _escalate(
+        self, call: dict, images: Any, fields: dict, verdicts: list, slots: "_SlotLedger", triggered: list[bool],
+        max_attempts: int, on_exhausted: str,
     ) -> list[int]:
-        """Regenerate matched slots in place, one batched call per attempt; returns the slots still matching."""
+        """Regenerate matched slots in place, stage after stage; returns the slots that still match at the end.
+
+        Each attempt runs one batched call per stage in use. A slot moves to the next stage after each failed
+        attempt (the last stage repeats). A triggered slot starts at the first stage that is not a plain reseed.
+        """
         count = len(images)
         pending = [slot for slot, verdict in enumerate(verdicts) if verdict.matched]
         layout = BatchLayout.of(self.pipe, call, count, self._signature) if pending else None
+        skip_reseed = next((i for i, stage in enumerate(self.strategies) if not isinstance(stage, Reseed)), 0)
+        next_stage = {slot: skip_reseed if triggered[slot] else 0 for slot in pending}
         for attempt in range(2, max_attempts + 1):
             if not pending:
                 break
-            generators = [retry_generator(call.get("generator"), slot, attempt) for slot in pending]
-            subcall = with_attempt_fields(layout.subcall(call, pending, generators), attempt, pending)
-            subcall.pop("callback", None)  # the legacy callback sees the caller's own batch only
-            retry_output = self.pipe(**subcall)
-            retry = _images_of(retry_output)
-            if len(retry) != len(pending):
-                raise GuardrailError(
-                    f"resampling {len(pending)} slots returned {len(retry)} images; this pipeline's batch "
-                    "layout is not supported by action='resample' (use 'reject' or 'flag')"
-                )
-            retry_fields = _per_image_fields(retry_output, len(pending))
-            for row, (slot, image, verdict) in enumerate(zip(pending, _as_list(retry), self.guard.check(retry))):
-                images[slot], verdicts[slot], attempts[slot] = image, verdict, attempt
-                for key in fields.keys() & retry_fields.keys():
-                    fields[key][slot] = retry_fields[key][row]
+            early = not (attempt == max_attempts and on_exhausted == "keep")
+            by_stage: dict[int, list[int]] = {}
+            for slot in pending:
+                by_stage.setdefault(next_stage[slot], []).append(slot)
+            for index, group in sorted(by_stage.items()):
+                self._run_stage(call, layout, group, attempt, index, early, images, fields, verdicts, slots)
             pending = [slot for slot in pending if verdicts[slot].matched]
+            for slot in pending:
+                next_stage[slot] = min(next_stage[slot] + 1, len(self.strategies) - 1)
         return pending
+
+    def _run_stage(
+        self, call: dict, layout: BatchLayout, group: list[int], attempt: int, index: int, early: bool,
+        images: Any, fields: dict, verdicts: list, slots: "_SlotLedger",
+    ) -> None:
+        """One attempt of one stage on `group`: the first stage from `index` on that applies (else a reseed)."""
+        generators = [retry_generator(call.get("generator"), slot, attempt) for slot in group]
+        subcall = layout.subcall(call, group, generators)
+        subcall.pop("callback", None)  # the legacy callback sees the caller's own batch only
+        context = StageAttempt(group, attempt, [g.initial_seed() for g in generators],
+                               [verdicts[slot] for slot in group], self.guard)
+        stage, hooks = Reseed(), contextlib.nullcontext()
+        for candidate in self.strategies[index:]:
+            prepared = candidate.prepare(self.pipe, subcall, context)
+            if prepared is not None:
+                stage, hooks = candidate, prepared
+                break
+        retry_output, record = self._generate(subcall, attempt, group, self._monitor(early), hooks)
+        retry = _images_of(retry_output)
+        if len(retry) != len(group):
+            raise GuardrailError(
+                f"resampling {len(group)} slots returned {len(retry)} images; this pipeline's batch "
+                "layout is not supported by action='resample' (use 'reject' or 'flag')"
+            )
+        retry_fields = _per_image_fields(retry_output, len(group))
+        retry_verdicts = _judged(self.guard.check(retry), record, len(group))
+        cost = record.denoiser_steps_per_image(len(group))
+        for row, (slot, image, verdict) in enumerate(zip(group, _as_list(retry), retry_verdicts)):
+            images[slot], verdicts[slot] = image, verdict
+            slots.record(slot, attempt, stage.name, cost)
+            for key in fields.keys() & retry_fields.keys():
+                fields[key][slot] = retry_fields[key][row]
+
+    def _trigger_rows(self, call: dict) -> list[int] | None:
+        """Output slots whose prompt is a blocklisted caption (normalized); None when no trigger is configured."""
+        if not self.match_captions and self.memorization_threshold is None:
+            return None
+        rows: list[int] = []
+        prompt = call.get("prompt")
+        captions = self._blocklisted_captions() if self.match_captions else frozenset()
+        if captions and prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            per_prompt = int(call.get("num_images_per_prompt") or 1)
+            for index, text in enumerate(prompts):
+                if isinstance(text, str) and normalize_caption(text) in captions:
+                    rows.extend(range(index * per_prompt, (index + 1) * per_prompt))
+        return rows
+
+    def _blocklisted_captions(self) -> frozenset:
+        blocklist = getattr(self.guard, "blocklist", None)
+        cached_for, captions = self._captions
+        if blocklist is None or blocklist is cached_for:
+            return captions
+        captions = frozenset(
+            normalize_caption(entry["caption"]) for entry in blocklist.entries if isinstance(entry.get("caption"), str)
+        ) - {""}
+        self._captions = (blocklist, captions)
+        return captions
 
     def _settings_for_call(self, kwargs: dict) -> tuple[str, int, str]:
         """This call's action, max_attempts and on_exhausted: the `guardrail_*` overrides, else the wrapper's."""
@@ -373,6 +553,35 @@ def _saved_settings(folder: str | os.PathLike) -> dict:
     if not isinstance(settings, dict):
         raise UsageError(f"{saved / 'guardrail_config.json'} must hold a JSON object; save the pipeline again")
     return {**settings, "blocklist": saved / "blocklist.safetensors"}
+
+
+class _SlotLedger:
+    """Per slot: the attempt and stage that made its current image, and the denoiser steps spent on it so far."""
+
+    def __init__(self, count: int, first_cost: float) -> None:
+        self.attempts = [1] * count
+        self.stages = ["first"] * count
+        self.steps = [first_cost] * count
+
+    def record(self, slot: int, attempt: int, stage: str, cost: float) -> None:
+        self.attempts[slot], self.stages[slot] = attempt, stage
+        self.steps[slot] += cost
+
+
+def normalize_caption(text: str) -> str:
+    """Lower case, letters and digits only, single spaces: how a prompt is compared with blocklisted captions."""
+    return " ".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
+
+
+def _judged(verdicts: list[Verdict], record: Any, count: int) -> list[Verdict]:
+    """Final verdicts of one generation. What the pipeline returned for a stopped image is unfinished: an image the
+    early check stopped keeps its early (matching) verdict, and a generation the triggers interrupted counts as
+    matched (it is never delivered; the escalation takes over)."""
+    if record.trigger_interrupted:
+        return [Verdict(True, verdict.score, None, {"trigger": "memorization score or blocklisted caption"})
+                for verdict in verdicts]
+    stops = record.stops(count)
+    return [record.early_verdicts[i] if stops[i] is not None else verdict for i, verdict in enumerate(verdicts)]
 
 
 def with_attempt_fields(call: dict, attempt: int, slots: list[int] | None) -> dict:
