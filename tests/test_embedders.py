@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 
 import numpy as np
 import pytest
@@ -118,3 +119,68 @@ def test_an_extreme_strip_image_is_embedded_without_a_huge_allocation(embedder):
     vectors = embedder.embed(np.zeros((1, 100_000, 3), np.uint8))
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert vectors.shape == (1, embedder.dim) and grown_mib < 200
+
+
+def as_if_built_from_a_tag(spec: dict, tag: str = "a-tag", **fields) -> dict:
+    """The spec a tag load makes: the tag instead of the file name, plus what the loaded file's hash pins."""
+    tag_spec = {key: value for key, value in spec.items() if key != "weights_file"}
+    return {**tag_spec, "pretrained": tag, **fields}
+
+
+def altered_copy(path, folder):
+    """A copy of a weights file with its last byte changed: still loadable, another sha256."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    copy = folder / f"altered-{path.name}"
+    copy.write_bytes(bytes(data))
+    return copy
+
+
+def test_a_local_copy_of_a_tags_weights_file_is_accepted_by_its_sha256(embedder, weights_file, unguarded):
+    """Air-gapped: a blocklist built from a tag accepts the very same weights file, loaded from a path."""
+    from guardrail import Blocklist, Guard
+
+    tag_spec = as_if_built_from_a_tag(embedder.spec, quick_gelu=True, interpolation="bilinear")  # as a tag config may
+    assert tag_spec["weights_sha256"] == hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    rebuilt = embedder_from_spec(tag_spec, pretrained=weights_file)
+    assert rebuilt.spec["quick_gelu"] is True and rebuilt.spec["interpolation"] == "bilinear", "as the tag loads"
+    assert spec_differences(tag_spec, rebuilt.spec) == []
+    blocklist = Blocklist(rebuilt.embed([unguarded[1]]), spec=tag_spec)
+    assert Guard(blocklist, rebuilt).check([unguarded[1]])[0].matched
+    published_only = {**as_if_built_from_a_tag(embedder.spec), "weights_sha256": None,
+                      "published_sha256": tag_spec["weights_sha256"]}
+    assert spec_differences(published_only, embedder_from_spec(published_only, pretrained=weights_file).spec) == []
+
+
+def test_a_local_file_with_another_sha256_is_refused_for_a_tag(embedder, weights_file, tmp_path):
+    from guardrail import Blocklist, Guard
+
+    tag_spec = as_if_built_from_a_tag(embedder.spec)
+    altered = altered_copy(weights_file, tmp_path)
+    with pytest.raises(EmbedderMismatchError, match="sha256"):
+        embedder_from_spec(tag_spec, pretrained=altered)
+    with pytest.raises(EmbedderMismatchError, match="pretrained"):
+        Guard(Blocklist(np.zeros((0, embedder.dim), np.float32), spec=tag_spec),
+              OpenCLIPEmbedder("ViT-S-32", pretrained=altered))
+    unpinned = {key: value for key, value in tag_spec.items() if key != "weights_sha256"}  # an older blocklist
+    with pytest.raises(EmbedderMismatchError, match="records no sha256"):
+        embedder_from_spec(unpinned, pretrained=weights_file)
+
+
+def test_tag_specs_record_the_sha256_open_clip_publishes_for_the_tag():
+    from guardrail.embedders import open_clip_spec
+
+    openai = open_clip_spec("ViT-B-32", "openai")  # from open_clip's config: no weights are loaded
+    assert openai["published_sha256"] == "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af"
+    assert "published_sha256" not in open_clip_spec("ViT-B-32", "laion2b_s34b_b79k"), "no full hash is published"
+    local_copy = {**{key: value for key, value in openai.items() if key not in ("pretrained", "published_sha256")},
+                  "weights_file": "ViT-B-32.pt", "weights_sha256": openai["published_sha256"]}
+    assert spec_differences(openai, local_copy) == []
+    assert [line.split(":")[0] for line in spec_differences(openai, {**local_copy, "weights_sha256": "0" * 64})] == [
+        "pretrained"]
+
+
+def test_the_cached_weights_lookup_needs_no_network(tmp_path):
+    from guardrail.embedders import cached_weights_path
+
+    assert cached_weights_path("ViT-B-32", "openai", cache_dir=str(tmp_path)) is None  # nothing cached, no download
