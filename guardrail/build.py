@@ -321,7 +321,7 @@ def merge_blocklists(
         seen.update(entry["id"] for entry in blocklist.entries)
     vectors = np.concatenate([first.embeddings[:0], *(blocklist.embeddings for blocklist in blocklists)])
     records = [dict(entry) for blocklist in blocklists for entry in blocklist.entries]
-    folded, dedupe_index = fold_duplicates(vectors, records, dedupe) if dedupe is not None and len(vectors) else (0, None)
+    folded, dedupe_index = (0, None) if dedupe is None or not len(vectors) else fold_duplicates(vectors, records, dedupe)
     merged = Blocklist(vectors, records, spec=first.spec, threshold=first.threshold if threshold is None else threshold)
     return store_trained_index(merged, index, index=dedupe_index)
 

@@ -371,12 +371,13 @@ def open_clip_spec(
     preprocess = merge_preprocess_dict(
         PreprocessCfg(), {**config.get("preprocess_cfg", {}), **tag_config, **(preprocess_cfg or {})}
     )
+    tag = None if is_file else pretrained
     size = config["vision_cfg"].get("image_size", preprocess["size"])
     spec = {
         "family": "open_clip",
         "model": model,
-        "pretrained": None if is_file else pretrained,
-        "quick_gelu": quick_gelu_required(model, None if is_file else pretrained) if quick_gelu is None else bool(quick_gelu),
+        "pretrained": tag,
+        "quick_gelu": bool(quick_gelu) if quick_gelu is not None else quick_gelu_required(model, tag),
         "image_size": list(size) if isinstance(size, (list, tuple)) else [size, size],
         "mean": list(preprocess["mean"]),
         "std": list(preprocess["std"]),
@@ -519,8 +520,8 @@ def _check_weights_file(spec: dict, path: str | os.PathLike) -> None:
     if not known:
         if spec.get("pretrained"):
             raise EmbedderMismatchError(
-                f"the blocklist names pretrained tag {spec['pretrained']!r} but records no sha256 of its weights, so the "
-                f"local file {os.fspath(path)!r} cannot be verified. Load the tag itself (--pretrained "
+                f"the blocklist names pretrained tag {spec['pretrained']!r} but records no sha256 of its weights, so "
+                f"the local file {os.fspath(path)!r} cannot be verified. Load the tag itself (--pretrained "
                 f"{spec['pretrained']}), or rebuild the blocklist with this guardrail, which records it"
             )
         return

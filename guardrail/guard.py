@@ -258,10 +258,10 @@ class Guard:
             score, row = hit
             entry = snapshot.blocklist.entries[row]
             verdicts.append(Verdict(bool(score >= snapshot.threshold), float(score), entry["id"], dict(entry)))
-        self._record(verdicts)
+        self._count_matches(verdicts)
         return verdicts
 
-    def _record(self, verdicts: list[Verdict]) -> None:
+    def _count_matches(self, verdicts: list[Verdict]) -> None:
         matched_ids = [verdict.entry_id if verdict.matched else None for verdict in verdicts]
         with self._stats_lock:
             self._match_counts.update(entry_id for entry_id in matched_ids if entry_id is not None)

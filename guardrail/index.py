@@ -121,7 +121,7 @@ class BlocklistIndex:
             self._check_finds_own_vectors()
 
     @classmethod
-    def from_blocklist(cls, blocklist: "Blocklist", kind: str | None = None, **options) -> "BlocklistIndex":  # noqa: F821
+    def from_blocklist(cls, blocklist: Blocklist, kind: str | None = None, **options) -> BlocklistIndex:
         """The index of a blocklist: the faiss index stored in its file when there is one and no `kind` is asked for,
         else one built now (`kind` defaults to `"auto"`)."""
         stored = getattr(blocklist, "faiss_index", None)
@@ -276,7 +276,8 @@ def _deserialized(serialized: np.ndarray):
     try:
         return faiss.deserialize_index(serialized)
     except (RuntimeError, MemoryError) as error:
-        raise BlocklistError(f"the stored faiss index cannot be read ({str(error).strip()[-200:]}); rebuild it") from error
+        reason = str(error).strip()[-200:]
+        raise BlocklistError(f"the stored faiss index cannot be read ({reason}); rebuild it") from error
 
 
 def _check_structure(index, count: int, dim: int) -> None:
@@ -307,7 +308,9 @@ def _check_inverted_lists(ivf, count: int, dim: int) -> None:
         raise BlocklistError("the stored IVF index has a malformed coarse quantizer; rebuild it")
     lists = faiss.downcast_InvertedLists(ivf.invlists)
     if not isinstance(lists, faiss.ArrayInvertedLists) or lists.nlist != ivf.nlist:
-        raise BlocklistError(f"the stored IVF index keeps its lists in {type(lists).__name__}, not in memory; rebuild it")
+        raise BlocklistError(
+            f"the stored IVF index keeps its lists in {type(lists).__name__}, not in memory; rebuild it"
+        )
     sizes = [lists.list_size(i) for i in range(lists.nlist)]
     if sum(sizes) != count:
         raise BlocklistError(f"the stored IVF index lists {sum(sizes)} ids for {count} vectors; rebuild it")
