@@ -23,7 +23,7 @@ from .embedders import Embedder
 from .errors import GuardrailError, ImageDecodeError, UsageError
 from .images import load_image
 from .index import KINDS as INDEX_KINDS
-from .index import BlocklistIndex, store_trained_index
+from .index import DEFAULT_CANDIDATES, DEFAULT_EF_SEARCH, BlocklistIndex, check_search_options, store_trained_index
 from .sources import Item, iter_items, source_kind
 
 
@@ -63,6 +63,8 @@ def build_blocklist(
     download_retries: int = 2,
     progress: bool = False,
     index: str = "auto",
+    nprobe: int | str | None = None,
+    candidates: int | None = None,
 ) -> Blocklist:
     """Build a blocklist from image folders, manifests, webdataset shards and precomputed embedding folders.
 
@@ -79,6 +81,8 @@ def build_blocklist(
         download: fetch URL entries of manifests; without it a URL entry is a `UsageError`.
         progress: show a progress bar with images/s on stderr.
         index: the search index stored in the blocklist (`store_trained_index`): `"auto"` (by size), or a kind.
+        nprobe, candidates: search parameters stored with that index (defaults: `"auto"` nprobe, 32 candidates);
+            a guard loading the file uses them unless it is given its own.
 
     Returns:
         The `Blocklist`, with the build report (a dict) as its `build_report` attribute.
@@ -89,6 +93,7 @@ def build_blocklist(
     """
     sources = [sources] if isinstance(sources, str) else list(sources)
     spec = _checked_build_options(sources, embedder, spec, threshold, dedupe, on_error, workers, batch_size, index)
+    check_search_options(candidates or DEFAULT_CANDIDATES, nprobe or "auto", DEFAULT_EF_SEARCH, "auto")  # fail now
     batch_size = batch_size or getattr(embedder, "batch_size", 32)
     started = time.perf_counter()
     preparer = _ItemPreparer(embedder, spec["dim"], download, download_timeout, download_retries)
@@ -103,7 +108,7 @@ def build_blocklist(
     vectors = np.concatenate(embedded.vectors)
     folded, dedupe_index = fold_duplicates(vectors, embedded.records, dedupe) if dedupe is not None else (0, None)
     blocklist = Blocklist(vectors, embedded.records, spec=spec, threshold=threshold)
-    store_trained_index(blocklist, index, index=dedupe_index)
+    store_trained_index(blocklist, index, index=dedupe_index, nprobe=nprobe, candidates=candidates)
     blocklist.build_report = _build_report(sources, embedded, dedupe, folded, threshold, time.perf_counter() - started)
     return blocklist
 

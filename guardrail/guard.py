@@ -4,6 +4,9 @@
 Its blocklist, index, threshold and disabled entries live in one immutable snapshot: `check` reads it once, and
 `swap_blocklist` / `disable` replace it in a single assignment, so a request never sees a half-built index and
 concurrent `check` calls need no lock. Match counts per entry are kept to spot entries that flood matches.
+
+Disabled entries are a `RowFilter` in the snapshot, built when the set changes: faiss skips them while searching,
+so every check asks for one neighbour however many are disabled (faiss GPU indexes refuse k > 2048).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from .blocklist import Blocklist, check_threshold
 from .embedders import Embedder, spec_differences
 from .errors import EmbedderMismatchError, UsageError
 from .images import ImageInput
-from .index import BlocklistIndex
+from .index import BlocklistIndex, RowFilter
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ class _Snapshot(NamedTuple):
     index: BlocklistIndex
     threshold: float
     disabled_rows: frozenset
+    row_filter: RowFilter | None = None  # the disabled rows as a faiss selector; None when none is disabled
 
 
 def _default_index_device(embedder: Embedder) -> str:
@@ -88,6 +92,17 @@ class Guard:
         index_device (`str`, *optional*):
             Where to search: `"cpu"` or `"cuda"`. Defaults to the embedder's device when it is a GPU and faiss has
             GPU support, else the CPU.
+        nprobe (`int` or `"auto"`, *optional*):
+            IVF lists visited per query. Defaults to the value stored with the blocklist's index, else `"auto"`
+            (`guardrail.index.auto_nprobe`: recall 1.0 on the benchmark's hardest data at every size measured).
+        candidates (`int`, *optional*):
+            Proposals re-scored exactly per query (stored value, else 32). More costs re-scoring reads, not recall.
+        ef_search (`int`, *optional*): HNSW search depth (stored value, else 128).
+        max_memory (`int`, *optional*):
+            Byte budget for an index chosen here (no stored index, or `index_kind="auto"`): see `choose_kind`.
+        rescore (`str`, *optional*, defaults to `"auto"`):
+            Where candidates are re-scored from: `"memory"` (a float32 copy), `"mapped"` (the blocklist file's
+            memory map), or `"auto"` (mapped above `guardrail.index.RESCORE_IN_MEMORY_BYTES`).
 
     Raises:
         EmbedderMismatchError: the embedder's spec differs from the blocklist's.
@@ -102,6 +117,12 @@ class Guard:
         flood_window: int = 1000,
         index_kind: str | None = None,
         index_device: str | None = None,
+        *,
+        nprobe: int | str | None = None,
+        candidates: int | None = None,
+        ef_search: int | None = None,
+        max_memory: int | None = None,
+        rescore: str | None = None,
     ) -> None:
         if not isinstance(embedder, Embedder):
             raise UsageError(f"embedder must provide spec, dim and embed(); got {type(embedder).__name__}")
@@ -112,6 +133,8 @@ class Guard:
         self.embedder = embedder
         self.index_kind = index_kind
         self.index_device = index_device or _default_index_device(embedder)
+        self.index_options = {"nprobe": nprobe, "candidates": candidates, "ef_search": ef_search,
+                              "max_memory": max_memory, "rescore": rescore}
         self.flood_fraction = flood_fraction
         self._lock = threading.Lock()  # orders snapshot writers; never held while searching or building an index
         self._stats_lock = threading.Lock()  # the match statistics
@@ -138,12 +161,15 @@ class Guard:
                 + "; ".join(differences)
                 + "). Use the blocklist's model and weights, or rebuild the blocklist with this embedder"
             )
-        return blocklist, BlocklistIndex.from_blocklist(blocklist, kind=self.index_kind, device=self.index_device)
+        return blocklist, self._index_of(blocklist, self.index_device)
+
+    def _index_of(self, blocklist: Blocklist, device: str) -> BlocklistIndex:
+        return BlocklistIndex.from_blocklist(blocklist, kind=self.index_kind, device=device, **self.index_options)
 
     @staticmethod
-    def _with_disabled(snapshot: _Snapshot, disabled_ids: Sequence[str]) -> _Snapshot:
-        rows = {entry["id"]: row for row, entry in enumerate(snapshot.blocklist.entries)}
-        return snapshot._replace(disabled_rows=frozenset(rows[i] for i in disabled_ids if i in rows))
+    def _with_disabled(snapshot: _Snapshot, disabled_rows: frozenset) -> _Snapshot:
+        row_filter = RowFilter(disabled_rows, len(snapshot.blocklist)) if disabled_rows else None
+        return snapshot._replace(disabled_rows=frozenset(disabled_rows), row_filter=row_filter)
 
     @property
     def blocklist(self) -> Blocklist:
@@ -164,7 +190,7 @@ class Guard:
             self.index_device = index_device
             with self._lock:
                 snapshot = self._snapshot
-            index = BlocklistIndex.from_blocklist(snapshot.blocklist, kind=self.index_kind, device=index_device)
+            index = self._index_of(snapshot.blocklist, index_device)
             with self._lock:
                 if self._snapshot.blocklist is snapshot.blocklist:  # else a swap built its index on the new device
                     self._snapshot = self._snapshot._replace(index=index)
@@ -191,7 +217,8 @@ class Guard:
                 self._threshold_override = threshold
             in_force = blocklist.threshold if self._threshold_override is None else self._threshold_override
             snapshot = _Snapshot(blocklist, index, in_force, frozenset())
-            self._snapshot = self._with_disabled(snapshot, self.disabled)
+            rows = frozenset(blocklist.rows_of(sorted(self.disabled)).values())
+            self._snapshot = self._with_disabled(snapshot, rows)
 
     @property
     def disabled(self) -> frozenset[str]:
@@ -210,13 +237,13 @@ class Guard:
     def _set_disabled(self, entry_ids: Sequence[str], disable: bool) -> None:
         with self._lock:
             snapshot = self._snapshot
-            rows = {entry["id"]: row for row, entry in enumerate(snapshot.blocklist.entries)}
+            rows = snapshot.blocklist.rows_of(entry_ids)
             unknown = [entry_id for entry_id in entry_ids if entry_id not in rows]
             if unknown:
                 raise UsageError(f"no blocklist entries with ids {unknown}")
-            changed = {rows[entry_id] for entry_id in entry_ids}
+            changed = set(rows.values())
             disabled = snapshot.disabled_rows | changed if disable else snapshot.disabled_rows - changed
-            self._snapshot = snapshot._replace(disabled_rows=frozenset(disabled))
+            self._snapshot = self._with_disabled(snapshot, frozenset(disabled))
 
     def match_counts(self) -> dict[str, int]:
         """How many checked images matched each entry since the guard was made."""
@@ -236,29 +263,29 @@ class Guard:
 
     # ---- checking ---------------------------------------------------------------------------------------------
 
-    def check(self, images: ImageInput | Sequence[ImageInput]) -> list[Verdict]:
+    def check(self, images: ImageInput | Sequence[ImageInput], record: bool = True) -> list[Verdict]:
         """One `Verdict` per image, in order.
 
         Accepts PIL images, numpy arrays (HWC/NHWC, uint8 or float in [0, 1]), torch tensors (CHW/NCHW in [0, 1])
-        and image file paths. Raises `ImageDecodeError` for an empty batch or an invalid image.
+        and image file paths. Raises `ImageDecodeError` for an empty batch or an invalid image. With
+        `record=False` the verdicts stay out of `match_counts()` and the flood report (for previews of unfinished
+        images, such as the sampler's early check).
         """
-        return self.check_embeddings(self.embedder.embed(images))
+        return self.check_embeddings(self.embedder.embed(images), record=record)
 
-    def check_embeddings(self, vectors: np.ndarray) -> list[Verdict]:
+    def check_embeddings(self, vectors: np.ndarray, record: bool = True) -> list[Verdict]:
         """Verdicts for vectors already made by this guard's embedder (unit-norm float32 `(n, dim)`)."""
         snapshot = self._snapshot  # read once: all verdicts of a call come from one blocklist
-        disabled = snapshot.disabled_rows
-        scores, ids = snapshot.index.search(vectors, k=min(1 + len(disabled), max(1, len(snapshot.index))))
+        scores, ids = snapshot.index.search(vectors, k=1, skip=snapshot.row_filter)
         verdicts = []
-        for row_scores, row_ids in zip(scores.tolist(), ids.tolist()):
-            hit = next(((s, i) for s, i in zip(row_scores, row_ids) if i >= 0 and i not in disabled), None)
-            if hit is None:
+        for score, row in zip(scores[:, 0].tolist(), ids[:, 0].tolist()):
+            if row < 0 or row in snapshot.disabled_rows:  # nothing enabled (the filter already skipped disabled rows)
                 verdicts.append(Verdict(False, NO_MATCH_SCORE, None, None))
                 continue
-            score, row = hit
-            entry = snapshot.blocklist.entries[row]
+            entry = snapshot.blocklist.entries[row]  # parsed now, for this verdict only (lazy on a loaded list)
             verdicts.append(Verdict(bool(score >= snapshot.threshold), float(score), entry["id"], dict(entry)))
-        self._count_matches(verdicts)
+        if record:  # previews (the sampler's early x̂0 checks) stay out of the match counts and flood reports
+            self._count_matches(verdicts)
         return verdicts
 
     def _count_matches(self, verdicts: list[Verdict]) -> None:

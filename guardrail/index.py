@@ -3,9 +3,14 @@
 Vectors are unit-norm, so inner product is cosine similarity. The index kind is chosen from the entry count and a
 memory budget: exact `IndexFlatIP` while exact search is cheap, then IVF with 8-bit scalar quantization, then
 IVF-PQ when even one byte per dimension is too much (HNSW on request). Approximate indexes only propose
-candidates: every candidate is re-scored exactly against the stored float32 vectors, so a returned score is always
-the true cosine and a match can only be missed if it is not among `candidates` proposals (benchmarks measure this
-recall against exact search).
+candidates: every candidate is re-scored exactly against the blocklist's own vectors, so a returned score is always
+the true cosine (in float32, of the stored float16 or float32 vector) and a match can only be missed if it is not
+among `candidates` proposals (benchmarks measure this recall against exact search).
+
+Where re-scoring reads the vectors decides the memory: a blocklist loaded from a file keeps them in the file, and
+above `RESCORE_IN_MEMORY_BYTES` the index reads each query's candidates through that memory map (a few kB a query)
+instead of holding an `N x dim` float32 copy, so an IVF-PQ list needs about its codes in RAM. Entries switched off
+are skipped inside faiss (an `IDSelector` bitmap, `RowFilter`), so `k` never grows with their number.
 
 A stored index (the `index` tensor of a blocklist file) is untrusted bytes: its checksum proves nothing, since anyone
 can re-sign a file. faiss 1.15 turns most garbage into a RuntimeError, but a few hostile bytes can make its reader
@@ -37,6 +42,27 @@ EXACT_LIMIT = 20_000
 IVF-SQ8 with exact re-scoring was 4-20x faster at 20k-100k entries with recall 1.0 (benchmarks/search_scaling.py)."""
 DEFAULT_MAX_MEMORY = 4 << 30
 """Default budget for the index itself (bytes): IVF-SQ8 up to it, IVF-PQ beyond."""
+DEFAULT_CANDIDATES = 32
+"""Proposals an approximate index makes per query before exact re-scoring."""
+DEFAULT_EF_SEARCH = 128
+"""HNSW search depth."""
+RESCORE_IN_MEMORY_BYTES = 64 << 20
+"""Up to this size of a float32 copy (about 22k vectors of dim 768, just past `EXACT_LIMIT`) a loaded list
+re-scores from RAM, beyond it through the file's memory map. The choice is about memory, not speed: either way a
+query reads `candidates` rows, and the README's Performance table gives both latencies, warm and cold; a copy this
+small is noise next to the embedder's weights, and never pays a page fault."""
+RESCORE_MODES = ("auto", "memory", "mapped")
+
+
+def auto_nprobe(nlist: int) -> int:
+    """IVF lists visited per query under `nprobe="auto"`: a sixteenth of the lists, at least 64 (all up to 64).
+
+    Measured with benchmarks/search_scaling.py at dim 768 (queries 0.005 above the threshold): the hardest shape was
+    uniform vectors, where 32 of 256 lists missed 1 match in 200 at 100k entries and 48 or 64 missed none, and 64 of
+    1,024 lists missed none at 1M. Clustered data with planted duplicate groups kept recall 1.0 from 4 lists up, so
+    a build that knows its data is clustered can store a lower `nprobe` (`guardrail build --nprobe`).
+    """
+    return int(min(nlist, max(64, nlist // 16)))
 
 
 def choose_kind(count: int, dim: int, max_memory: int | None = None) -> str:
@@ -74,8 +100,14 @@ class BlocklistIndex:
             `"cuda"` (or `"cuda:N"`) moves flat and IVF indexes to a faiss GPU index (needs faiss with GPU support).
         candidates (`int`, *optional*, defaults to 32):
             Proposals an approximate index makes per query before exact re-scoring.
-        nprobe (`int`, *optional*): IVF lists visited per query (defaults to 32).
+        nprobe (`int` or `"auto"`, *optional*, defaults to `"auto"`):
+            IVF lists visited per query; `"auto"` picks it from the list count (`auto_nprobe`).
         ef_search (`int`, *optional*, defaults to 128): HNSW search depth.
+        rescore (`str`, *optional*, defaults to `"auto"`):
+            Where approximate candidates are re-scored from: `"memory"` (a float32 copy in RAM), `"mapped"` (the
+            `embeddings` array as given, e.g. a blocklist file's memory map, float16 or float32; rows are read per
+            query and re-scored in float32), or `"auto"` (`"mapped"` for a memory map whose float32 copy would
+            exceed `RESCORE_IN_MEMORY_BYTES`, else `"memory"`).
         serialized (`np.ndarray`, *optional*):
             A uint8 `faiss.serialize_index` blob of this very index (e.g. stored in the blocklist file), to skip
             training. It is read in a sandbox first and checked against `embeddings` (see `_read_stored_index`);
@@ -92,20 +124,20 @@ class BlocklistIndex:
         *,
         max_memory: int | None = None,
         device: str = "cpu",
-        candidates: int = 32,
-        nprobe: int = 32,
-        ef_search: int = 128,
+        candidates: int = DEFAULT_CANDIDATES,
+        nprobe: int | str = "auto",
+        ef_search: int = DEFAULT_EF_SEARCH,
+        rescore: str = "auto",
         serialized: np.ndarray | None = None,
     ) -> None:
-        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-        if embeddings.ndim != 2:
-            raise UsageError(f"embeddings must be (N, dim), got shape {embeddings.shape}")
+        if not isinstance(embeddings, np.ndarray):
+            embeddings = np.asarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or not np.issubdtype(embeddings.dtype, np.floating):
+            raise UsageError(f"embeddings must be float (N, dim), got {embeddings.dtype} {embeddings.shape}")
         if kind != "auto" and kind not in KINDS:
             raise UsageError(f"kind must be 'auto' or one of {KINDS}, got {kind!r}")
-        if candidates < 1:
-            raise UsageError(f"candidates must be >= 1, got {candidates}")
+        check_search_options(candidates, nprobe, ef_search, rescore)
         self.dim = embeddings.shape[1]
-        self.vectors = embeddings
         self.kind = choose_kind(len(embeddings), self.dim, max_memory) if kind == "auto" else kind
         self.candidates = candidates
         if serialized is not None:
@@ -113,7 +145,12 @@ class BlocklistIndex:
             self.kind = _index_kind(index)
         else:
             index = _trained_faiss_index(embeddings, self.kind)
-        _set_search_params(index, nprobe, ef_search)
+        self.rescore = _rescore_mode(rescore, embeddings, self.kind)
+        # The re-scoring source: a float32 copy, or the array as given (a memory map stays one: no N x dim copy).
+        self.vectors = np.ascontiguousarray(embeddings, np.float32) if self.rescore == "memory" else embeddings
+        self.nprobe = _resolved_nprobe(index, nprobe)
+        self.ef_search = ef_search
+        _set_search_params(index, self.nprobe, ef_search)
         self.device = device
         self._cpu_index = index
         self._index, self._lock = _searchable_on(index, device)
@@ -123,11 +160,32 @@ class BlocklistIndex:
     @classmethod
     def from_blocklist(cls, blocklist: Blocklist, kind: str | None = None, **options) -> BlocklistIndex:
         """The index of a blocklist: the faiss index stored in its file when there is one and no `kind` is asked for,
-        else one built now (`kind` defaults to `"auto"`)."""
+        else one built now (`kind` defaults to `"auto"`).
+
+        A stored index brings its search parameters (`Blocklist.index_params`); `options` given here (not None)
+        override them. Options set to None mean "the default"."""
+        options = {name: value for name, value in options.items() if value is not None}
         stored = getattr(blocklist, "faiss_index", None)
         if stored is not None and kind is None:
-            return cls(blocklist.embeddings, serialized=stored, **options)
+            options = {**(getattr(blocklist, "index_params", None) or {}), **options}
+            options.pop("max_memory", None)  # the stored kind is used as is
+            try:
+                return cls(blocklist.embeddings, serialized=stored, **options)
+            finally:
+                release = getattr(blocklist, "release_pages", None)
+                if release is not None:  # the whole blob was read through the map: let those pages go
+                    release()
         return cls(blocklist.embeddings, kind=kind or "auto", **options)
+
+    @property
+    def search_params(self) -> dict[str, int]:
+        """The parameters that shape this index's results (what `store_trained_index` stores with it)."""
+        params = {"candidates": self.candidates}
+        if self.kind.startswith("ivf"):
+            params["nprobe"] = self.nprobe
+        if self.kind == "hnsw":
+            params["ef_search"] = self.ef_search
+        return params
 
     def __len__(self) -> int:
         return len(self.vectors)
@@ -138,8 +196,22 @@ class BlocklistIndex:
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes of the faiss index itself (the float32 vectors kept for re-scoring come on top, unless flat)."""
+        """Bytes of the faiss index itself (a float32 copy for re-scoring comes on top when `rescore` is "memory")."""
         return len(self.serialize())
+
+    def set_search_params(self, nprobe: int | str | None = None, candidates: int | None = None,
+                          ef_search: int | None = None) -> None:
+        """Change the search parameters in place (None keeps one). Not for an index other threads are searching."""
+        check_search_options(candidates or self.candidates, nprobe or "auto", ef_search or self.ef_search, "auto")
+        if candidates is not None:
+            self.candidates = candidates
+        if nprobe is not None:
+            self.nprobe = _resolved_nprobe(self._cpu_index, nprobe)
+        if ef_search is not None:
+            self.ef_search = ef_search
+        _set_search_params(self._cpu_index, self.nprobe, self.ef_search)
+        if self._index is not self._cpu_index:  # a GPU copy: faiss GPU indexes take nprobe as an attribute
+            self._index.nprobe = self.nprobe
 
     def serialize(self) -> np.ndarray:
         """The faiss index as a uint8 array (`faiss.serialize_index`), to store beside the vectors."""
@@ -147,8 +219,16 @@ class BlocklistIndex:
 
         return faiss.serialize_index(self._cpu_index)
 
-    def search(self, vectors: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, vectors: np.ndarray, k: int = 1, skip: "RowFilter | None" = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-`k` cosine scores and row ids for each query vector.
+
+        Args:
+            vectors: `(n, dim)` queries.
+            k: neighbours per query.
+            skip: rows never to return (`RowFilter`, e.g. disabled entries); filtered inside faiss, so `k` stays
+                the same however many rows it holds.
 
         Returns:
             `(scores, ids)`, both `(n, k)`: float32 exact cosine scores, best first, and int64 row ids. Slots with no
@@ -162,12 +242,11 @@ class BlocklistIndex:
         empty = (np.full((len(vectors), k), -np.inf, np.float32), np.full((len(vectors), k), -1, np.int64))
         if len(vectors) == 0 or len(self) == 0:
             return empty
-        wanted = k if self.exact else max(k, self.candidates)
-        if self._lock is None:
-            scores, ids = self._index.search(vectors, wanted)
-        else:
-            with self._lock:
-                scores, ids = self._index.search(vectors, wanted)
+        wanted = min(k if self.exact else max(k, self.candidates), len(self))
+        scores, ids = self._faiss_search(vectors, wanted, skip)
+        if wanted < k:  # faiss fills missing slots with -1 only up to ntotal
+            pad = ((0, 0), (0, k - wanted))
+            scores, ids = np.pad(scores, pad, constant_values=-np.inf), np.pad(ids, pad, constant_values=-1)
         if not self.exact:
             scores = self._rescore(vectors, ids)
             order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -180,7 +259,8 @@ class BlocklistIndex:
         if len(self) == 0:
             return
         rows = np.unique(np.linspace(0, len(self) - 1, min(probes, len(self))).astype(np.int64))
-        best = self.search(self.vectors[rows], k=1)[0][:, 0]
+        best = np.concatenate([self.search(self.vectors[rows[i : i + 8]], k=1)[0][:, 0]  # 8 at a time: little memory
+                               for i in range(0, len(rows), 8)])
         found = float(np.mean(best >= 1 - 1e-3))  # an exact copy (itself or a duplicate); float16 storage rounds
         if found < required:
             raise BlocklistError(
@@ -189,23 +269,122 @@ class BlocklistIndex:
                 "blocklist again)"
             )
 
+    def _faiss_search(
+        self, vectors: np.ndarray, wanted: int, skip: "RowFilter | None"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        params = None if skip is None or not skip.rows else self._params_skipping(skip)
+        if self._lock is None:
+            return self._index.search(vectors, wanted, params=params)
+        with self._lock:
+            try:
+                scores, ids = self._index.search(vectors, wanted, params=params)
+            except RuntimeError:  # a faiss GPU build without IDSelector support
+                scores, ids = None, None
+        if params is not None and (ids is None or np.isin(ids, skip.array).any()):
+            return self._cpu_index.search(vectors, wanted, params=params)  # filtered exactly, on the CPU copy
+        return scores, ids
+
+    def _params_skipping(self, skip: "RowFilter"):
+        """faiss search parameters carrying `skip`'s selector and this index's own nprobe / efSearch (parameters
+        passed to a search replace the index's, so they must be restated)."""
+        import faiss
+
+        if self.kind.startswith("ivf"):
+            params = faiss.SearchParametersIVF()
+            params.nprobe = self.nprobe
+        elif self.kind == "hnsw":
+            params = faiss.SearchParametersHNSW()
+            params.efSearch = self.ef_search
+        else:
+            params = faiss.SearchParameters()
+        params.sel = skip.selector
+        return params
+
     def _rescore(self, vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Exact cosines of each query with its candidates (-inf for empty slots)."""
+        """Exact float32 cosines of each query with its candidates (-inf for empty slots).
+
+        Each distinct candidate row is read once, in file order, and converted to float32 (the memory-mapped
+        vectors may be float16): a query reads `candidates x dim x itemsize` bytes, never the whole list."""
         safe = np.where(ids < 0, 0, ids)
-        exact = np.einsum("qd,qkd->qk", vectors, self.vectors[safe])
+        rows, inverse = np.unique(safe, return_inverse=True)
+        gathered = np.asarray(self.vectors[rows], dtype=np.float32)
+        exact = np.einsum("qd,qkd->qk", vectors, gathered[inverse.reshape(safe.shape)])
         return np.where(ids < 0, -np.inf, exact).astype(np.float32)
 
 
+class RowFilter:
+    """Rows a search must never return, as a faiss `IDSelector` built once (a bitmap: one bit per entry).
+
+    Built when the set changes (`Guard.disable`), not per search, and passed to `BlocklistIndex.search(skip=)`.
+    faiss skips these rows while scanning, so a search still asks for `k` neighbours however many rows are
+    excluded (before, `k` grew with them, past the 2,048 faiss GPU indexes allow).
+    """
+
+    def __init__(self, rows, count: int) -> None:
+        import faiss
+
+        self.array = np.unique(np.fromiter(rows, np.int64))
+        if len(self.array) and (self.array[0] < 0 or self.array[-1] >= count):
+            raise UsageError(f"rows to skip must be in [0, {count}), got {self.array[0]}..{self.array[-1]}")
+        self.rows = frozenset(self.array.tolist())
+        bits = np.zeros(max(1, (count + 7) // 8) * 8, bool)
+        bits[self.array] = True
+        self._bitmap = np.packbits(bits, bitorder="little")  # faiss reads bit (i & 7) of byte i >> 3
+        self._members = faiss.IDSelectorBitmap(len(self._bitmap), faiss.swig_ptr(self._bitmap))
+        self.selector = faiss.IDSelectorNot(self._members)  # keeps _members (and the bitmap) referenced above
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def check_search_options(candidates: int, nprobe: int | str, ef_search: int, rescore: str) -> None:
+    """A `UsageError` naming the first search option out of range (before any work is done with them)."""
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+        raise UsageError(f"candidates must be an integer >= 1, got {candidates!r}")
+    if nprobe != "auto" and (isinstance(nprobe, bool) or not isinstance(nprobe, int) or nprobe < 1):
+        raise UsageError(f"nprobe must be 'auto' or an integer >= 1, got {nprobe!r}")
+    if isinstance(ef_search, bool) or not isinstance(ef_search, int) or ef_search < 1:
+        raise UsageError(f"ef_search must be an integer >= 1, got {ef_search!r}")
+    if rescore not in RESCORE_MODES:
+        raise UsageError(f"rescore must be one of {RESCORE_MODES}, got {rescore!r}")
+
+
+def _rescore_mode(rescore: str, embeddings: np.ndarray, kind: str) -> str:
+    """"memory" or "mapped" (see `BlocklistIndex`); exact flat search re-scores nothing, so it copies nothing."""
+    if kind == "flat":
+        return "mapped"
+    if rescore != "auto":
+        return rescore
+    mapped = isinstance(embeddings, np.memmap) or isinstance(getattr(embeddings, "base", None), np.memmap)
+    return "mapped" if mapped and embeddings.shape[0] * embeddings.shape[1] * 4 > RESCORE_IN_MEMORY_BYTES else "memory"
+
+
+def _resolved_nprobe(index, nprobe: int | str) -> int:
+    import faiss
+
+    nlist = getattr(faiss.downcast_index(index), "nlist", None)
+    if nlist is None:
+        return 0 if nprobe == "auto" else int(nprobe)
+    return auto_nprobe(nlist) if nprobe == "auto" else int(min(nprobe, nlist))
+
+
 def store_trained_index(
-    blocklist: "Blocklist", kind: str = "auto", *, max_memory: int | None = None, index: BlocklistIndex | None = None
+    blocklist: "Blocklist", kind: str = "auto", *, max_memory: int | None = None, index: BlocklistIndex | None = None,
+    **search_options,
 ) -> "Blocklist":
     """Train the search index of `kind` for `blocklist` and store it in it, so loading the file needs no training.
 
     The one place that decides what a blocklist file carries (used by `build_blocklist`, `merge_blocklists` and the
     CLI). `"auto"` picks the kind by size (`choose_kind`). Exact `"flat"` search trains nothing, so nothing is
     stored for it. `index`, an already built `BlocklistIndex` of these very vectors, is stored as is when its kind
-    is the one asked for (dedupe builds one). Returns `blocklist`.
+    is the one asked for (dedupe builds one). `search_options` (`nprobe`, `candidates`, `ef_search`; None for the
+    default) are stored with the index as `index_params`, so a guard loading the file searches as the builder chose.
+    Returns `blocklist`.
     """
+    search_options = {name: value for name, value in search_options.items() if value is not None}
+    unknown = set(search_options) - {"nprobe", "candidates", "ef_search"}
+    if unknown:
+        raise UsageError(f"unknown search options {sorted(unknown)}; use nprobe, candidates, ef_search")
     if kind != "auto" and kind not in KINDS:
         raise UsageError(f"index must be 'auto' or one of {KINDS}, got {kind!r}")
     if kind == "auto":
@@ -213,7 +392,9 @@ def store_trained_index(
     if kind == "flat":
         return blocklist
     if index is None or index.kind != kind or len(index) != len(blocklist):
-        index = BlocklistIndex(blocklist.embeddings, kind=kind)
+        index = BlocklistIndex(blocklist.embeddings, kind=kind, **search_options)
+    else:
+        index.set_search_params(**search_options)
     return blocklist.attach_index(index)
 
 
@@ -242,12 +423,15 @@ def _trained_faiss_index(embeddings: np.ndarray, kind: str):
         quantizer.this.disown()
         sample = embeddings
         if count > 64 * lists:  # k-means on every vector adds time, not accuracy
-            sample = embeddings[np.random.default_rng(0).choice(count, 64 * lists, replace=False)]
+            sample = embeddings[np.sort(np.random.default_rng(0).choice(count, 64 * lists, replace=False))]
         if count:
-            index.train(sample)
-    if count:
-        index.add(embeddings)
+            index.train(np.ascontiguousarray(sample, np.float32))
+    for start in range(0, count, _ADD_ROWS):  # float32 a chunk at a time: a memory-mapped float16 list stays mapped
+        index.add(np.ascontiguousarray(embeddings[start : start + _ADD_ROWS], np.float32))
     return index
+
+
+_ADD_ROWS = 1 << 16
 
 
 def _index_kind(index) -> str:
