@@ -27,12 +27,13 @@ is SD's: one UNet call on `torch.cat([negative_prompt_embeds, prompt_embeds])` w
 `noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)`, so a forward hook on `pipe.unet` sees both halves, and
 `pipe._guidance_scale` may be changed between steps from `callback_on_step_end`. With `guidance_scale <= 1` there is
 no doubled batch. The UNet's output is x0 rather than noise; the names follow SD's anyway. At timestep t, with
-the scheduler's `alphas_cumprod[t]` = a, a difference of x0 predictions is -sqrt(a / (1 - a)) times the matching
-difference of noise predictions: a memorization score read from the hook converts with that factor.
+the scheduler's `alphas_cumprod[t]` = a, noise = (x_t - sqrt(a) x0) / sqrt(1 - a), so a difference of noise
+predictions is -sqrt(a / (1 - a)) times the matching difference of x0 predictions: a memorization score read from
+the hook converts with that factor.
 
 `digits_classifier()` is an independent check of which digit an output shows (linear discriminant analysis fit on the
-same digits at load time); the guard never sees it. `measure_memorization()` gives the copy rates that the training script
-prints and the demo reports.
+same digits at load time); the guard never sees it. `measure_memorization()` gives the copy rates that the training
+script prints and the demo reports.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,13 +88,16 @@ class DigitsPipeline(DiffusionPipeline):
 
     Args:
         unet (`UNet2DConditionModel`):
-            Denoises `(N, C, H, W)` pixels in [-1, 1] (C = 1 grey or 3 RGB channels), conditioned on text embeddings.
+            Denoises `(N, C, h, w)` "latents": the image itself at 1/`scale_factor` of its side, in [-1, 1] (C = 1
+            grey or 3 RGB channels), conditioned on text embeddings.
         text_encoder (`transformers.CLIPTextModel`):
             Its `last_hidden_state` is the UNet's `encoder_hidden_states`.
         tokenizer (`transformers.CLIPTokenizer`):
             Pads to `tokenizer.model_max_length` tokens.
         scheduler (`SchedulerMixin`):
             The sampling scheduler (`load_digits_pipeline` gives a `DDIMScheduler` made from the training config).
+        scale_factor (`int`, *optional*, defaults to 2):
+            The fixed decoder's upscaling (`latents_to_image`); SD's `vae_scale_factor`.
     """
 
     model_cpu_offload_seq = "text_encoder->unet"
@@ -370,7 +374,8 @@ class DigitsPipeline(DiffusionPipeline):
             callback_on_step_end (`Callable`, *optional*):
                 `callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict`, called after each step; it may
                 return new `latents`, `prompt_embeds` or `negative_prompt_embeds`, change `pipe._guidance_scale`, or
-                set `pipe._interrupt = True` to skip the remaining steps.
+                set `pipe._interrupt = True` to skip the remaining steps. As in SD, a callback that turns guidance
+                off (or on) also returns `prompt_embeds` without (or with) the negative half.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["latents"]`):
                 Which of `_callback_tensor_inputs` the callback receives.
         """

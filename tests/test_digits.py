@@ -104,6 +104,7 @@ def test_output_types_follow_diffusers(pipe):
     def run(**kwargs):
         return pipe("a handwritten digit four", num_inference_steps=2, generator=generators([0]), **kwargs).images
 
+    assert isinstance(pipe, DigitsPipeline) and pipe.vae_scale_factor == 2
     pil = run()
     assert isinstance(pil[0], Image.Image) and pil[0].size == (IMAGE_SIZE, IMAGE_SIZE) and pil[0].mode == "RGB"
     np_images = run(output_type="np")
