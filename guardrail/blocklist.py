@@ -284,7 +284,7 @@ class Blocklist:
         entries = LazyEntries(_mapped_array(path, layout.tensors["entries"]), scan.bounds, where)
         index_region = layout.tensors.get("index")
         return cls._mapped(
-            _mapped_array(path, embeddings_region), entries, spec, threshold, layout.metadata["created"],
+            _mapped_array(path, embeddings_region, random_access=True), entries, spec, threshold, layout.metadata["created"],
             None if index_region is None else _mapped_array(path, index_region), layout.metadata.get("index_kind"),
             index_params, path,
         )
@@ -631,11 +631,20 @@ class _VectorCheck:
             self.problem = f"embedding {start + worst} has L2 norm {norms[worst]:.4f}; every vector must be unit-norm"
 
 
-def _mapped_array(path: Path, region: _Region) -> np.ndarray:
-    """A read-only memory map of one tensor (an empty array for an empty one: mmap cannot map zero bytes)."""
+def _mapped_array(path: Path, region: _Region, random_access: bool = False) -> np.ndarray:
+    """A read-only memory map of one tensor (an empty array for an empty one: mmap cannot map zero bytes).
+
+    `random_access` tells the kernel not to read ahead (MADV_RANDOM): re-scoring reads a few scattered rows per
+    query, and read-ahead would pull (and map) their neighbours too."""
     if region.end == region.start:
         return np.zeros(region.shape, region.dtype)
-    return np.memmap(path, dtype=region.dtype, mode="r", offset=region.start, shape=region.shape)
+    mapped = np.memmap(path, dtype=region.dtype, mode="r", offset=region.start, shape=region.shape)
+    if random_access and hasattr(mmap, "MADV_RANDOM"):
+        try:
+            mapped._mmap.madvise(mmap.MADV_RANDOM)
+        except (AttributeError, OSError, ValueError):  # not supported here: only read-ahead is lost
+            pass
+    return mapped
 
 
 def _release_pages(array: Any) -> None:
