@@ -175,6 +175,7 @@ class BlocklistIndex:
                 release = getattr(blocklist, "release_pages", None)
                 if release is not None:  # the whole blob was read through the map: let those pages go
                     release()
+                _return_freed_memory()
         return cls(blocklist.embeddings, kind=kind or "auto", **options)
 
     @property
@@ -310,6 +311,20 @@ class BlocklistIndex:
         gathered = np.asarray(self.vectors[rows], dtype=np.float32)
         exact = np.einsum("qd,qkd->qk", vectors, gathered[inverse.reshape(safe.shape)])
         return np.where(ids < 0, -np.inf, exact).astype(np.float32)
+
+
+def _return_freed_memory() -> None:
+    """Ask glibc to give freed heap memory back to the system (`malloc_trim`), where there is glibc.
+
+    Reading a stored index copies its blob twice on the way (faiss's reader buffer, then the index); glibc keeps
+    the freed copies in the heap: `benchmarks/search_scaling.py --memory 200000` measured 219 bytes an entry
+    resident without the trim and 149 with it (IVF-PQ, dim 768, verify=False)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim, or another allocator that returns memory itself
+        pass
 
 
 class RowFilter:

@@ -283,3 +283,10 @@ def test_disabling_3000_entries_keeps_k_fixed_and_matches_a_list_without_them(
     assert [v.matched for v in got] == [False] * 30 + [True] * 30, "disabled entries never match, others do"
     guard.enable(*(f"e{i}" for i in off[:30]))
     assert all(v.matched for v in guard.check_embeddings(probes)), "enabled again, they match again"
+
+
+def test_info_reports_the_stored_dtype_and_search_parameters(ivf_file, embedder, capsys):
+    assert main(["info", str(ivf_file[1]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["vectors"] == f"float16 x {embedder.dim}" and info["index"] == "ivf-sq8"
+    assert info["index_params"]["candidates"] == 32 and info["index_params"]["nprobe"] >= 1
