@@ -184,9 +184,10 @@ class _CountingGuard:
             raise AttributeError(name)
         return getattr(self._guard, name)
 
-    def check(self, images: Any) -> list[Verdict]:
-        verdicts = self._guard.check(images)
-        self._metrics.record_verdicts(verdicts)
+    def check(self, images: Any, record: bool = True) -> list[Verdict]:
+        verdicts = self._guard.check(images, record=record)
+        if record:  # the sampler's early checks of unfinished images are previews, not checked images
+            self._metrics.record_verdicts(verdicts)
         return verdicts
 
     def check_embeddings(self, vectors: Any) -> list[Verdict]:
@@ -493,9 +494,10 @@ def create_app(
         metrics.record_generation(report.attempts, report.exhausted, time.perf_counter() - started)
         images = [
             {"png_base64": png, **verdict_json(verdict), "attempts": attempts, "blocked": blocked,
-             "exhausted": exhausted}
-            for png, verdict, attempts, blocked, exhausted in zip(
-                pngs, report.verdicts, report.attempts, report.blocked, report.exhausted
+             "exhausted": exhausted, "stage": stage, "memorization": memorization, "stopped_at": stopped_at}
+            for png, verdict, attempts, blocked, exhausted, stage, memorization, stopped_at in zip(
+                pngs, report.verdicts, report.attempts, report.blocked, report.exhausted, report.stages,
+                report.memorization, report.stopped_at,
             )
         ]
         return {"images": images, "seed": seed, "steps": steps, "prompt": spec.prompt}

@@ -9,6 +9,7 @@ or flags matches; `calibrate` picks a blocklist's threshold from measured copies
 from .blocklist import DEFAULT_THRESHOLD, Blocklist
 from .build import BuildError, build_blocklist, merge_blocklists
 from .calibration import CalibrationResult, calibrate
+from .detector import MemorizationThreshold, calibrate_memorization
 from .embedders import Embedder, OpenCLIPEmbedder, embedder_from_spec
 from .errors import (
     BlocklistError,
@@ -21,6 +22,7 @@ from .errors import (
 from .guard import Guard, Verdict
 from .images import load_image
 from .index import BlocklistIndex
+from .mitigation import DelayGuidance, PerturbPrompt, Reseed, Stage, SteerAway
 from .pipeline import GuardedPipeline, GuardReport
 
 __version__ = "0.1.0"
@@ -32,12 +34,18 @@ __all__ = [
     "BlocklistIndex",
     "BuildError",
     "CalibrationResult",
+    "DelayGuidance",
     "Embedder",
     "EmbedderMismatchError",
     "Guard",
     "GuardReport",
     "GuardedPipeline",
     "GuardrailError",
+    "MemorizationThreshold",
+    "PerturbPrompt",
+    "Reseed",
+    "Stage",
+    "SteerAway",
     "ImageDecodeError",
     "OpenCLIPEmbedder",
     "ResampleExhaustedError",
@@ -45,6 +53,7 @@ __all__ = [
     "Verdict",
     "build_blocklist",
     "calibrate",
+    "calibrate_memorization",
     "embedder_from_spec",
     "load_image",
     "merge_blocklists",

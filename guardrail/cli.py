@@ -180,6 +180,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         steps=args.steps,
         threshold=args.threshold,
         threads=args.threads,
+        pipeline=args.pipeline,
     )
     return 0
 
@@ -187,7 +188,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `guardrail demo` (CI reads its report.json: keep the flags)."""
     parser.add_argument("--out", default="guardrail-demo", help="output folder (default: ./guardrail-demo)")
-    parser.add_argument("--samples", type=int, default=64, help="images per run (default: 64)")
+    parser.add_argument("--pipeline", choices=("digits", "photos"), default="digits",
+                        help="digits: a model that memorized its duplicated images, as Stable Diffusion did "
+                        "(default); photos: a model that memorized all 10 of its photos")
+    parser.add_argument("--samples", type=int, default=None, help="images per run (default: 128 digits, 64 photos)")
     parser.add_argument("--model", default=None, help="open_clip model name (default: the bundled tiny embedder)")
     parser.add_argument("--pretrained", default=None, help="pretrained tag or weights file for --model")
     parser.add_argument("--threshold", type=float, default=None, help="cosine match threshold")
@@ -363,7 +367,66 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_calibrate_arguments(calibrate)
     calibrate.set_defaults(run=cmd_calibrate)
+
+    memorization = verbs.add_parser(
+        "calibrate-memorization",
+        help="calibrate a pipeline's step-1 memorization-score threshold on benign prompts (writes JSON)",
+    )
+    memorization.add_argument("--pipeline", required=True,
+                              help="a local diffusers pipeline folder, or 'digits' for the embedded demo model")
+    memorization.add_argument("--prompts", help="text file of benign prompts, one per line (default for 'digits': "
+                              "its prompts that are not memorized)")
+    memorization.add_argument("--fpr", type=float, default=0.01, help="target false-positive rate (default: 0.01)")
+    memorization.add_argument("--images-per-prompt", type=int, default=1, help="seeds per prompt (default: 1)")
+    memorization.add_argument("--guidance-scale", type=float, help="as the deployment samples (default: the pipeline's)")
+    memorization.add_argument("--steps", type=int, help="num_inference_steps, as the deployment samples")
+    memorization.add_argument("--seed", type=int, default=0)
+    memorization.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    memorization.add_argument("-o", "--output", default="memorization.json", help="where to write the threshold")
+    memorization.set_defaults(run=cmd_memorization)
     return parser
+
+
+def cmd_memorization(args: argparse.Namespace) -> int:
+    """Calibrate a pipeline's memorization-score threshold on benign prompts and write it as JSON."""
+    from .detector import calibrate_memorization
+
+    pipe = _load_pipeline(args.pipeline, args.device)
+    if args.prompts:
+        try:
+            with open(args.prompts, encoding="utf-8") as lines:
+                prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        except OSError as error:
+            raise UsageError(f"--prompts {args.prompts}: {error}") from error
+    elif args.pipeline == "digits":
+        from .digits import digits_training_set
+
+        prompts = digits_training_set().other_prompts
+    else:
+        raise UsageError("--prompts is required: a text file of benign prompts, one per line (hundreds, varied)")
+    settings = {key: value for key, value in (("guidance_scale", args.guidance_scale),
+                                                ("num_inference_steps", args.steps)) if value is not None}
+    threshold = calibrate_memorization(pipe, prompts, fpr=args.fpr, images_per_prompt=args.images_per_prompt,
+                                       seed=args.seed, **settings)
+    threshold.save(args.output)
+    print(json.dumps({**threshold.__dict__, "output": args.output}, indent=2))
+    return 0
+
+
+def _load_pipeline(name_or_path: str, device: str):
+    """`digits` (the embedded demo model) or a local diffusers pipeline folder (never downloaded here)."""
+    if name_or_path == "digits":
+        from .digits import load_digits_pipeline
+
+        return load_digits_pipeline(device=device)
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(name_or_path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--pipeline {name_or_path!r}: not a local diffusers pipeline folder ({error})") from error
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
 
 
 def _interrupt_on_sigterm():

@@ -221,7 +221,7 @@ class SteerAway:
 
     name = "steer_away"
 
-    def __init__(self, strength: float = 0.5, start: float = 0.0, stop: float = 0.8, margin: float = 0.1) -> None:
+    def __init__(self, strength: float = 1.0, start: float = 0.0, stop: float = 1.0, margin: float = 0.1) -> None:
         self.strength, self.start, self.stop, self.margin = float(strength), start, stop, margin
 
     def prepare(self, pipe: Any, call: dict, attempt: StageAttempt) -> contextlib.AbstractContextManager | None:

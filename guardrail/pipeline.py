@@ -35,7 +35,8 @@ from .sampling import DEFAULT_EARLY_CHECK, SamplingMonitor, check_call_inputs, v
 logger = logging.getLogger(__name__)
 
 ACTIONS = ("resample", "reject", "flag")
-DEFAULT_STRATEGIES = ("reseed", "delay_guidance", "perturb_prompt")
+DEFAULT_STRATEGIES = ("reseed", "steer_away", "perturb_prompt")
+"""Measured best on the digits demo model (`guardrail demo`); `delay_guidance` is there to add where it helps."""
 ON_EXHAUSTED = ("black", "raise", "keep")
 
 SAVED_FOLDER = "guardrail"
@@ -64,6 +65,7 @@ class GuardReport:
         stages: what produced each delivered image: `"first"` (the caller's own generation), the name of the
             mitigation stage whose attempt succeeded (`"reseed"`, `"delay_guidance"`, ...), or `"refused"` when every
             attempt matched (the image is black, raised, or kept and flagged, as `on_exhausted` says).
+        tried: the stages each slot's retries ran, in order (empty for a slot that was never retried).
         triggered: whether a stage-0 trigger (memorization score at or above `memorization_threshold`, or a prompt
             that is a blocklisted caption) sent the slot straight to the first mitigation stage.
     """
@@ -77,6 +79,7 @@ class GuardReport:
     stopped_at: list[int | None] = field(default_factory=list)
     denoiser_steps: list[float] = field(default_factory=list)
     stages: list[str] = field(default_factory=list)
+    tried: list[list[str]] = field(default_factory=list)
     triggered: list[bool] = field(default_factory=list)
 
     @property
@@ -98,6 +101,7 @@ class GuardReport:
             "stopped_at": self.stopped_at,
             "denoiser_steps": self.denoiser_steps,
             "stages": self.stages,
+            "tried": self.tried,
             "triggered": self.triggered,
         }
 
@@ -127,7 +131,7 @@ class GuardedPipeline:
             What `"resample"` does with a slot that still matches after `max_attempts`: `"black"` replaces it,
             `"raise"` raises `ResampleExhaustedError` (with the other slots' images attached), `"keep"` returns it
             flagged in the report.
-        strategies (`tuple`, *optional*, defaults to `("reseed", "delay_guidance", "perturb_prompt")`):
+        strategies (`tuple`, *optional*, defaults to `("reseed", "steer_away", "perturb_prompt")`):
             The escalation stages `"resample"` tries on matched slots, in order, one attempt each (the last one
             repeats while attempts remain): names from `guardrail.mitigation.STAGES` (`"reseed"`,
             `"delay_guidance"`, `"perturb_prompt"`, `"steer_away"`) or your own `Stage` objects. Every result is
@@ -386,6 +390,7 @@ class GuardedPipeline:
             stopped_at=record.stops(count),
             denoiser_steps=slots.steps,
             stages=["refused" if slot in pending else slots.stages[slot] for slot in range(count)],
+            tried=slots.tried,
             triggered=triggered,
         )
         guarded = _with_images(output, images, fields, report)
@@ -562,10 +567,12 @@ class _SlotLedger:
         self.attempts = [1] * count
         self.stages = ["first"] * count
         self.steps = [first_cost] * count
+        self.tried: list[list[str]] = [[] for _ in range(count)]
 
     def record(self, slot: int, attempt: int, stage: str, cost: float) -> None:
         self.attempts[slot], self.stages[slot] = attempt, stage
         self.steps[slot] += cost
+        self.tried[slot].append(stage)
 
 
 def normalize_caption(text: str) -> str:

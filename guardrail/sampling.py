@@ -211,7 +211,7 @@ class SamplingMonitor:
             return
         record = self.record
         running = [i for i, stopped in enumerate(record.stopped_at) if stopped is None]
-        verdicts = self.guard.check(images[running])
+        verdicts = _preview_check(self.guard, images[running])
         threshold = getattr(self.guard, "threshold", None)
         scores = [float(v.score) for v in verdicts]
         record.early_scores[step] = [float("nan")] * record.images
@@ -224,6 +224,17 @@ class SamplingMonitor:
         if all(stopped is not None for stopped in record.stopped_at):
             record.interrupted_at = step + 1
             self.pipe._interrupt = True  # diffusers' pipelines skip the remaining steps
+
+
+def _preview_check(guard: Any, images: Any) -> list:
+    """`guard.check` of unfinished images, kept out of the guard's match statistics where it supports that."""
+    import inspect
+
+    try:
+        takes_record = "record" in inspect.signature(guard.check).parameters
+    except (TypeError, ValueError):
+        takes_record = False
+    return guard.check(images, record=False) if takes_record else guard.check(images)
 
 
 def _predicted_original(scheduler: Any, args: tuple, kwargs: dict, result: Any) -> Any:

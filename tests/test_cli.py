@@ -67,10 +67,10 @@ def test_demo_verb_passes_every_flag_ci_uses_to_run_demo(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(guardrail.demo, "run_demo", lambda out, **options: calls.append((out, options)))
     argv = ["demo", "--out", str(tmp_path), "--samples", "8", "--model", "ViT-B-32", "--pretrained", "w.safetensors",
-            "--threshold", "0.9", "--seed", "3", "--steps", "5", "--threads", "2"]
+            "--threshold", "0.9", "--seed", "3", "--steps", "5", "--threads", "2", "--pipeline", "photos"]
     assert main(argv) == 0
     assert calls == [(str(tmp_path), {"samples": 8, "model": "ViT-B-32", "pretrained": "w.safetensors", "seed": 3,
-                                      "steps": 5, "threshold": 0.9, "threads": 2})]
+                                      "steps": 5, "threshold": 0.9, "threads": 2, "pipeline": "photos"})]
 
 
 def test_demo_usage_errors_exit_2(tmp_path, capsys):

@@ -27,7 +27,7 @@ def memorizing_pipe():
 @pytest.fixture(scope="module")
 def demo_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(out, samples=16, steps=STEPS, verbose=False)
+    return out, run_demo(out, samples=16, steps=STEPS, verbose=False, pipeline="photos")
 
 
 def test_tiled_distance_is_zero_for_a_copy_and_large_for_another_photo():
@@ -150,4 +150,4 @@ def test_demo_writes_a_viewable_grid(demo_report):
 
 def test_demo_rejects_half_an_embedder(tmp_path):
     with pytest.raises(UsageError):
-        run_demo(tmp_path, samples=2, model="ViT-B-32")
+        run_demo(tmp_path, samples=2, model="ViT-B-32", pipeline="photos")

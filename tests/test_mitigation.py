@@ -48,8 +48,11 @@ class Recording:
         return contextlib.nullcontext()
 
 
+ORDERED = ("reseed", "delay_guidance", "perturb_prompt")
+
+
 def guarded(pipe, guard, **options):
-    return GuardedPipeline(pipe, guard, early_check=(), **options)
+    return GuardedPipeline(pipe, guard, early_check=(), **{"strategies": ORDERED, **options})
 
 
 @pytest.mark.parametrize("matched_calls, stage", [(1, "reseed"), (2, "delay_guidance"), (3, "perturb_prompt")])
@@ -87,13 +90,27 @@ def test_unknown_strategies_name_the_choices(sd_pipe, guard):
         GuardedPipeline(sd_pipe, guard, strategies=())
 
 
+def test_the_default_policy_steers_away_when_it_can_and_skips_it_when_it_cannot(sd_pipe, embedder, unguarded):
+    guard = always_matching_guard_for(embedder, unguarded[1])
+    out = GuardedPipeline(sd_pipe, guard, early_check=(), max_attempts=3)(
+        prompt=PROMPT, num_inference_steps=STEPS, generator=generators([0]))
+    assert out.guardrail.tried == [["reseed", "steer_away"]]
+    fake = GuardedPipeline(sd_pipe, MatchFirstCalls(99), early_check=(), max_attempts=3)(
+        prompt=PROMPT, num_inference_steps=STEPS, generator=generators([0]))
+    assert fake.guardrail.tried == [["reseed", "perturb_prompt"]], "no embedder to steer with: the next stage runs"
+
+
+def always_matching_guard_for(embedder, image):
+    return Guard(Blocklist.from_images([image], embedder, entries=[{"id": "x"}], threshold=-1.0), embedder)
+
+
 def test_a_blocklisted_caption_skips_the_reseed(sd_pipe, embedder, unguarded):
     blocklist = Blocklist.from_images([unguarded[1]], embedder, entries=[{"id": "m", "caption": PROMPT.upper() + "!"}],
                                       threshold=TEST_THRESHOLD)
     out = GuardedPipeline(sd_pipe, Guard(blocklist, embedder))(prompt=PROMPT, num_images_per_prompt=4,
                                                               num_inference_steps=2, generator=generators(range(4)))
     assert out.guardrail.triggered == [True] * 4
-    assert out.guardrail.stages == ["first", "delay_guidance", "first", "first"], "only the copy changes"
+    assert out.guardrail.stages == ["first", "steer_away", "first", "first"], "only the copy changes"
     for slot in (0, 2, 3):
         assert np.array_equal(np.asarray(out.images[slot]), np.asarray(unguarded[slot]))
 
@@ -178,7 +195,7 @@ def test_steer_away_lowers_the_similarity_to_the_matched_entry(sd_pipe, embedder
 
 def test_the_whole_policy_runs_on_sdxl():
     pipe = tiny_stable_diffusion_xl_pipeline(seed=0)
-    out = GuardedPipeline(pipe, MatchFirstCalls(3), early_check=())(
+    out = GuardedPipeline(pipe, MatchFirstCalls(3), early_check=(), strategies=ORDERED)(
         prompt=PROMPT, num_inference_steps=STEPS, height=64, width=64, generator=generators([0]))
     assert out.guardrail.stages == ["perturb_prompt"] and out.guardrail.attempts == [4]
     assert no_hooks_left(pipe)

@@ -64,6 +64,7 @@ def test_early_check_interrupts_a_batch_whose_every_slot_matched(sd_pipe, embedd
     assert report.stopped_at == [1, 1], "0.2 of 5 steps: checked after step 1"
     assert report.denoiser_steps == [2.0, 2.0], "one CFG step instead of five"
     assert report.blocked == [True, True] and all(np.asarray(image).max() == 0 for image in stopped.images)
+    assert sum(guard.match_counts().values()) == 2, "early previews stay out of the match counts"
     finished = GuardedPipeline(sd_pipe, guard, action="reject", early_check=())(
         prompt=PROMPT, num_images_per_prompt=2, num_inference_steps=STEPS, generator=generators(range(2)))
     assert finished.guardrail.stopped_at == [None, None] and finished.guardrail.denoiser_steps == [10.0, 10.0]

@@ -254,11 +254,15 @@ def test_generate_resamples_the_blocklisted_seed(client, app):
     assert response.status_code == 200, response.text
     body = response.json()
     assert (body["seed"], body["steps"]) == (0, serve.DEMO_STEPS)
-    report = [{k: image[k] for k in ("attempts", "blocked", "exhausted", "matched")} for image in body["images"]]
-    assert report == [  # slot 1 has seed DEMO_SEED: its first image is the blocklisted one
-        {"attempts": 1, "blocked": False, "exhausted": False, "matched": False},
-        {"attempts": 2, "blocked": False, "exhausted": False, "matched": False},
+    report = [{k: image[k] for k in ("attempts", "blocked", "exhausted", "matched", "stage")}
+              for image in body["images"]]
+    # Slot 1 has seed DEMO_SEED: its first image is the blocklisted one, and the prompt is the entry's caption, so
+    # its retry skips the plain reseed.
+    assert report == [
+        {"attempts": 1, "blocked": False, "exhausted": False, "matched": False, "stage": "first"},
+        {"attempts": 2, "blocked": False, "exhausted": False, "matched": False, "stage": "steer_away"},
     ]
+    assert all(image["memorization"] > 0 for image in body["images"]), "the step-1 score of each slot"
     images = [load_image(io.BytesIO(base64.b64decode(image["png_base64"]))) for image in body["images"]]
     assert all(image.size == (64, 64) for image in images)
     rechecked = app.state.guard.check(images)  # the reported verdicts are those of the returned PNGs
