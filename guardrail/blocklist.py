@@ -4,7 +4,7 @@ On disk it is one safetensors file (never pickle): tensors `embeddings` `(N, dim
 as uint8), with string metadata that includes a sha256 over every tensor and every other metadata value, so a
 changed threshold or spec is caught as tampering. Writes are atomic: a temp file in the same folder, then rename.
 
-`Blocklist.load` keeps a large list out of RAM: the vectors stay in the file behind a read-only memory map (float16
+`Blocklist.load` keeps a large list out of RAM: the vectors stay in the file behind a copy-on-write memory map (float16
 or float32, as stored), and an entry's JSON record is parsed only when something asks for that row (a `Verdict`
 does). Verification streams the file in chunks, so checking a 100M-entry file needs a few MiB, not its size.
 """
@@ -59,7 +59,7 @@ class Blocklist:
     Args:
         embeddings (`np.ndarray`):
             `(N, dim)` float vectors with unit L2 norm (float16 or float32; kept as float32 in memory). A loaded
-            blocklist instead holds a read-only memory map of the file's tensor, in its stored dtype.
+            blocklist instead holds a copy-on-write memory map of the file's tensor, in its stored dtype.
         entries (`Sequence[dict]`, *optional*):
             One record per row, each with at least a unique `id`. Defaults to ids `"0"`, `"1"`, ... A loaded
             blocklist holds a lazy sequence that parses a record when it is read (a fresh dict each time).
@@ -195,7 +195,8 @@ class Blocklist:
 
     def release_pages(self) -> None:
         """Drop this process's resident pages of the file's memory maps (the kernel keeps them cached): called after
-        a full pass over a map (reading the stored index) so resident memory shows what the process needs."""
+        a full pass over a map (reading the stored index) so resident memory shows what the process needs. The
+        maps are copy-on-write: anything this process wrote into a loaded list's arrays is discarded too."""
         for mapped in (self.embeddings, self.faiss_index, getattr(self.entries, "data", None)):
             _release_pages(mapped)
 
@@ -246,12 +247,13 @@ class Blocklist:
     def load(cls, path: str | os.PathLike, *, verify: bool = True) -> "Blocklist":
         """Map a blocklist file and check it; the vectors and records stay in the file.
 
-        The vectors are a read-only memory map in the stored dtype and each record is parsed when it is read, so a
+        The vectors are a copy-on-write memory map in the stored dtype and each record is parsed when it is read, so a
         loaded list holds about 8 bytes an entry (its record offsets) whatever its size; the kernel's page cache
         holds what searches touch.
 
         Args:
-            path: the `.safetensors` file.
+            path: the `.safetensors` file. Replace it only by renaming a new file over it (as `save` does): the
+                maps keep the old file's pages, whereas a file truncated in place under a live map faults.
             verify (`bool`, *optional*, defaults to `True`):
                 Stream the whole file once, 16 MiB at a time, to check the checksum, that every vector is finite
                 and unit-norm, and that every record is a JSON object with a unique id. Pass `False` only in a
@@ -284,7 +286,8 @@ class Blocklist:
         entries = LazyEntries(_mapped_array(path, layout.tensors["entries"]), scan.bounds, where)
         index_region = layout.tensors.get("index")
         return cls._mapped(
-            _mapped_array(path, embeddings_region, random_access=True), entries, spec, threshold, layout.metadata["created"],
+            _mapped_array(path, embeddings_region, random_access=True), entries, spec, threshold,
+            layout.metadata["created"],
             None if index_region is None else _mapped_array(path, index_region), layout.metadata.get("index_kind"),
             index_params, path,
         )
@@ -632,13 +635,15 @@ class _VectorCheck:
 
 
 def _mapped_array(path: Path, region: _Region, random_access: bool = False) -> np.ndarray:
-    """A read-only memory map of one tensor (an empty array for an empty one: mmap cannot map zero bytes).
+    """A copy-on-write memory map of one tensor (an empty array for an empty one: mmap cannot map zero bytes).
 
-    `random_access` tells the kernel not to read ahead (MADV_RANDOM): re-scoring reads a few scattered rows per
-    query, and read-ahead would pull (and map) their neighbours too."""
+    Copy-on-write ("c"), not read-only: the file is never written either way, but callers that hand the array to
+    torch (`torch.as_tensor`) get a writable array, as an in-memory blocklist gives them. `random_access` tells the
+    kernel not to read ahead (MADV_RANDOM): re-scoring reads a few scattered rows per query, and read-ahead would
+    pull (and map) their neighbours too."""
     if region.end == region.start:
         return np.zeros(region.shape, region.dtype)
-    mapped = np.memmap(path, dtype=region.dtype, mode="r", offset=region.start, shape=region.shape)
+    mapped = np.memmap(path, dtype=region.dtype, mode="c", offset=region.start, shape=region.shape)
     if random_access and hasattr(mmap, "MADV_RANDOM"):
         try:
             mapped._mmap.madvise(mmap.MADV_RANDOM)
