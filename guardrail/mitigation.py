@@ -233,12 +233,16 @@ class SteerAway:
             return None
         import torch
 
-        rows = {entry["id"]: row for row, entry in enumerate(blocklist.entries)}
-        targets = [rows.get(getattr(verdict, "entry_id", None)) for verdict in attempt.verdicts]
+        matched_ids = [getattr(verdict, "entry_id", None) for verdict in attempt.verdicts]
+        rows = blocklist.rows_of([entry_id for entry_id in matched_ids if entry_id is not None])
+        targets = [rows.get(entry_id) for entry_id in matched_ids]
         if all(target is None for target in targets):
             return None
-        vectors = torch.as_tensor(np.asarray(blocklist.embeddings, dtype=np.float32))
-        target_vectors = torch.stack([vectors[t] if t is not None else torch.zeros(vectors.shape[1]) for t in targets])
+        dim = blocklist.embeddings.shape[1]  # only the matched entries' rows are read (the file may be mapped)
+        target_vectors = torch.stack([
+            torch.from_numpy(np.array(blocklist.embeddings[t], dtype=np.float32)) if t is not None else torch.zeros(dim)
+            for t in targets
+        ])
         steps = int(call.get("num_inference_steps") or _default_steps(pipe))
         threshold = float(getattr(attempt.guard, "threshold", 1.0)) - self.margin
         kind = scheduler.config.get("prediction_type", "epsilon")

@@ -110,6 +110,8 @@ PYTHON_SUBSTITUTIONS = {
         ("num_images_per_prompt=4,", "num_images_per_prompt=4, num_inference_steps=STEPS,"),
     ],
     "Quickstart 2": [(LOAD_CLIP, 'OpenCLIPEmbedder("ViT-S-32", pretrained=WEIGHTS)')],
+    "Quickstart 4": [("num_images_per_prompt=4,", "num_images_per_prompt=4, num_inference_steps=STEPS,"),
+                     ('torch.Generator("cuda")', 'torch.Generator("cpu")')],
 }
 
 # Quickstart 3 runs through guardrail.cli.main with the bundled tiny open_clip model and its weights file (fast to
@@ -130,7 +132,8 @@ CLI_EXIT_CODES = {"guardrail check -b catalogue.safetensors out1.png out2.png": 
 
 def test_the_table_knows_every_quickstart_and_every_code_block():
     languages = {name: [language for language, _ in blocks] for name, blocks in quickstart_blocks().items()}
-    assert languages == {"Quickstart 1": ["python"], "Quickstart 2": ["python"], "Quickstart 3": ["bash"]}, (
+    assert languages == {"Quickstart 1": ["python"], "Quickstart 2": ["python"], "Quickstart 3": ["bash"],
+                         "Quickstart 4": ["python"]}, (
         "a quickstart or a code block was added or removed: run it in this file too"
     )
 
@@ -182,6 +185,22 @@ def test_quickstart_2_prints_the_matched_entry(memorized_file, readme_images, we
     assert [verdict.matched for verdict in namespace["verdicts"]] == [False, True, False, False]
     (line,) = capsys.readouterr().out.strip().splitlines()
     assert line.endswith(f"laion-1 {PROMPT}")
+
+
+def test_quickstart_4_calibrates_a_score_threshold_and_reports_what_sampling_saw(memorized_file, sd_pipe, embedder):
+    from guardrail import Guard, MemorizationThreshold
+
+    (code,) = [code for _, code in quickstart_blocks()["Quickstart 4"]]
+    (memorized_file.parent / "benign_prompts.txt").write_text(
+        "\n".join(f"a photo of object number {i} on a table" for i in range(120)), encoding="utf-8")
+    namespace = {"pipe": sd_pipe, "guard": Guard(Blocklist.load(memorized_file), embedder), "STEPS": STEPS}
+    exec(substituted(code, PYTHON_SUBSTITUTIONS["Quickstart 4"], "Quickstart 4"), namespace)
+    threshold = MemorizationThreshold.load(memorized_file.parent / "memorization.json")
+    assert threshold.benign_prompts == 120 and threshold.fpr == 0.01
+    report = namespace["out"].guardrail
+    assert len(report.memorization) == 4 and all(score > 0 for score in report.memorization)
+    assert report.stages[1] != "first" and report.stages[0] == "first", "seed 1 makes the memorized image"
+    assert len(report.stopped_at) == 4
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -271,3 +290,5 @@ def test_quickstart_3_commands_run_with_the_exit_codes_it_states(workspace, caps
     assert json.loads(Path("build-report.json").read_text())["skipped"] == 0
     assert Blocklist.load("calibrated.safetensors").threshold != Blocklist.load("catalogue.safetensors").threshold
     assert json.loads(Path("guardrail-demo/report.json").read_text())["samples"] == 4
+    memorization = json.loads(Path("memorization.json").read_text())
+    assert memorization["pipeline"].startswith("DigitsPipeline") and memorization["benign_prompts"] >= 25
