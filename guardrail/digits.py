@@ -146,12 +146,7 @@ class DigitsPipeline(DiffusionPipeline):
         Returns `(prompt_embeds, negative_prompt_embeds)`, each repeated `num_images_per_prompt` times per prompt;
         the second is `None` without guidance. The unconditional prompt is `""`, as in training.
         """
-        if prompt is not None and isinstance(prompt, str):
-            batch_size = 1
-        elif prompt is not None and isinstance(prompt, list):
-            batch_size = len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
+        batch_size = _prompt_count(prompt, prompt_embeds)
 
         if prompt_embeds is None:
             prompt_embeds = self._encode_text(prompt, device)
@@ -400,12 +395,7 @@ class DigitsPipeline(DiffusionPipeline):
         self._interrupt = False
 
         # 2. Define call parameters
-        if prompt is not None and isinstance(prompt, str):
-            batch_size = 1
-        elif prompt is not None and isinstance(prompt, list):
-            batch_size = len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
+        batch_size = _prompt_count(prompt, prompt_embeds)
         device = self._execution_device
 
         # 3. Encode input prompt
@@ -500,6 +490,15 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _prompt_count(prompt: Any, prompt_embeds: Any) -> int:
+    """How many prompts a call has: one string, a list, or the rows of `prompt_embeds` (as SD counts them)."""
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, list):
+        return len(prompt)
+    return prompt_embeds.shape[0]
 
 
 def load_digits_pipeline(path: str | os.PathLike | None = None, device: str = "cpu") -> DigitsPipeline:

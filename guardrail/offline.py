@@ -48,6 +48,41 @@ def clip_tokenizer(folder: str | os.PathLike | None = None):  # -> transformers.
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, model_max_length=77)
 
 
+_TINY_UNET = dict(
+    block_out_channels=(4, 8),
+    layers_per_block=1,
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=2,
+)
+_TINY_VAE = dict(
+    block_out_channels=[4, 8],
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    latent_channels=4,
+    norm_num_groups=2,
+)
+
+
+def tiny_ddpm_pipeline(seed: int = 0):  # -> diffusers.DDPMPipeline
+    """A real unconditional `DDPMPipeline` (no prompt, no CFG) of a seeded tiny UNet, 32x32 output."""
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, layers_per_block=1)
+    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=10))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_stable_diffusion_pipeline(seed: int = 0):  # -> diffusers.StableDiffusionPipeline
     """A real `StableDiffusionPipeline` of seeded tiny components (as diffusers' own tests build), 64x64 output.
 
@@ -58,31 +93,13 @@ def tiny_stable_diffusion_pipeline(seed: int = 0):  # -> diffusers.StableDiffusi
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=2,
-    )
+    unet = UNet2DConditionModel(**_TINY_UNET, cross_attention_dim=32)
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
         steps_offset=1,
     )
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=[4, 8],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        norm_num_groups=2,
-    )
+    vae = AutoencoderKL(**_TINY_VAE)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -136,34 +153,19 @@ def tiny_stable_diffusion_xl_pipeline(seed: int = 0):  # -> diffusers.StableDiff
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **_TINY_UNET,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=80,  # 6 micro-conditioning values x 8 + the 32-d pooled text embedding
         cross_attention_dim=64,  # the two text encoders' hidden states, concatenated
-        norm_num_groups=2,
     )
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear", timestep_spacing="leading"
     )
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=[4, 8],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        norm_num_groups=2,
-    )
+    vae = AutoencoderKL(**_TINY_VAE)
     config = CLIPTextConfig(
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32, intermediate_size=64,
         layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408, projection_dim=32,

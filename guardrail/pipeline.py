@@ -41,8 +41,6 @@ ON_EXHAUSTED = ("black", "raise", "keep")
 
 SAVED_FOLDER = "guardrail"
 """`save_pretrained` writes the blocklist and the guard's settings into this subfolder of the pipeline folder."""
-CALL_OPTIONS = ("guardrail_action", "guardrail_max_attempts", "guardrail_on_exhausted")
-"""Per-call overrides of the wrapper's settings, taken out of the call before the wrapped pipeline sees it."""
 
 
 @dataclass

@@ -68,7 +68,6 @@ class SamplingRecord:
     early_scores: dict[int, list[float]] = field(default_factory=dict)  # step -> score per image
     stopped_at: list[int | None] = field(default_factory=list)
     early_verdicts: list[Any] = field(default_factory=list)  # the early-check verdict of each stopped image
-    interrupted_at: int | None = None
     triggered: list[bool] = field(default_factory=list)  # stage-0 trigger per image (score or caption)
     trigger_interrupted: bool = False  # every image was triggered, so the generation stopped there
 
@@ -188,7 +187,6 @@ class SamplingMonitor:
         ]
         if self.interrupt_when_all_triggered and all(record.triggered):
             record.trigger_interrupted = True
-            record.interrupted_at = record.denoiser_calls
             self.pipe._interrupt = True
 
     # ---- the early check -------------------------------------------------------------------------------------
@@ -222,7 +220,6 @@ class SamplingMonitor:
                 record.stopped_at[image] = step + 1  # steps completed when it was stopped
                 record.early_verdicts[image] = verdict
         if all(stopped is not None for stopped in record.stopped_at):
-            record.interrupted_at = step + 1
             self.pipe._interrupt = True  # diffusers' pipelines skip the remaining steps
 
 

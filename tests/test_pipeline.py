@@ -214,14 +214,9 @@ def test_positional_prompt_works_like_the_wrapped_pipeline(sd_pipe, guard):
 
 
 def test_ddpm_pipeline_with_batch_size_is_guarded(embedder):
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    from guardrail.offline import tiny_ddpm_pipeline
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, layers_per_block=1)
-    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=10))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_ddpm_pipeline(seed=0)
     plain = pipe(batch_size=3, num_inference_steps=2, generator=generators(range(3)))
     guard = Guard(Blocklist.from_images([plain.images[0]], embedder, threshold=0.9999), embedder)
     out = GuardedPipeline(pipe, guard)(batch_size=3, num_inference_steps=2, generator=generators(range(3)))
