@@ -89,22 +89,23 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"bare_s": bare, "hooks_s": hooks, "early_check_s": early, "guarded_s": wrapped, "ratio": wrapped / bare,
               "production_check_s_per_image": per_image}
     if args.flops:
-        guard_flops, sd_flops, decode_flops = count_flops(production, args.production_model)
+        guard_flops, sd_flops, preview_flops = count_flops(production, args.production_model)
         print(f"On one device, by FLOPs counted here: one {args.production_model} image forward is "
               f"{guard_flops / 1e9:.0f} GFLOPs; one SD 1.5 image (50 UNet steps with classifier-free guidance + VAE "
               f"decode) is {sd_flops / 1e12:.1f} TFLOPs: the guard is {guard_flops / sd_flops:.2%} of generation.")
         checks = len(DEFAULT_EARLY_CHECK)
-        early_flops = checks * (guard_flops + decode_flops)
-        print(f"The early check decodes x̂0 and embeds it {checks} times: {early_flops / 1e12:.2f} TFLOPs, "
+        early_flops = checks * (guard_flops + preview_flops)
+        print(f"The early check decodes x̂0 at 256 px and embeds it {checks} times: {early_flops / 1e12:.2f} TFLOPs, "
               f"{early_flops / sd_flops:.1%} of an SD 1.5 generation that runs to the end; a copy stopped at 20% of "
-              f"the schedule costs {(0.2 * (sd_flops - decode_flops) + early_flops / checks) / sd_flops:.0%} of one.")
+              f"the schedule costs {(0.2 * sd_flops + early_flops / checks) / sd_flops:.0%} of one.")
         result.update(guard_gflops=guard_flops / 1e9, sd15_tflops=sd_flops / 1e12,
                       early_check_share_of_sd15=early_flops / sd_flops)
     return result
 
 
 def count_flops(guard, model: str) -> tuple[float, float, float]:
-    """FLOPs of one guard image forward, of one SD 1.5 image, and of its VAE decode, with torch's FlopCounterMode.
+    """FLOPs of one guard image forward, of one SD 1.5 image, and of the early check's preview decode (latents
+    pooled to 32x32, as `guardrail.sampling.decode_x0` does for a 224-px embedder), with torch's FlopCounterMode.
 
     The SD 1.5 UNet and VAE are built from their published configs with random weights (FLOPs do not depend on
     weight values).
@@ -131,7 +132,8 @@ def count_flops(guard, model: str) -> tuple[float, float, float]:
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
     ).eval()
     decode = flops(lambda: vae.decode(torch.zeros(1, 4, 64, 64)))
-    return guard_flops, 50 * step + decode, decode
+    preview = flops(lambda: vae.decode(torch.zeros(1, 4, 32, 32)))  # the early check pools 64x64 latents to 32x32
+    return guard_flops, 50 * step + decode, preview
 
 
 if __name__ == "__main__":

@@ -146,3 +146,24 @@ def test_a_pipeline_without_cfg_gets_no_score(embedder):
     out = GuardedPipeline(pipe, guard, action="flag")(batch_size=2, num_inference_steps=2, generator=generators(range(2)))
     assert out.guardrail.memorization == [None, None]
     assert out.guardrail.matched == [True, False]
+
+
+def test_previews_decode_as_the_pipeline_does_and_pool_large_latents(sd_pipe):
+    from guardrail.sampling import decode_x0
+
+    latents = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    full = decode_x0(sd_pipe, latents)
+    with torch.no_grad():
+        expected = (sd_pipe.vae.decode(latents / sd_pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    assert torch.allclose(full, expected, atol=1e-5), "the preview is the pipeline's own VAE decode"
+    assert decode_x0(sd_pipe, latents, preview_side=224).shape[-1] == 64, "no pooling below twice the embedder side"
+    assert decode_x0(sd_pipe, latents, preview_side=16).shape[-1] == 16, "pooled until under twice the side"
+
+
+def test_previews_use_a_pipelines_own_latent_decoder():
+    from guardrail.digits import load_digits_pipeline
+    from guardrail.sampling import decode_x0
+
+    pipe = load_digits_pipeline()
+    latents = torch.rand(1, 1, 8, 8) * 2 - 1
+    assert torch.equal(decode_x0(pipe, latents), (pipe.latents_to_image(latents) / 2 + 0.5).clamp(0, 1))
