@@ -387,7 +387,7 @@ class GuardedPipeline:
             memorization=record.memorization(self.memorization_steps, count),
             stopped_at=record.stops(count),
             denoiser_steps=slots.steps,
-            stages=["refused" if slot in pending else slots.stages[slot] for slot in range(count)],
+            stages=["refused" if slot in pending or slot in to_block else slots.stages[slot] for slot in range(count)],
             tried=slots.tried,
             triggered=triggered,
         )

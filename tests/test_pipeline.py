@@ -73,6 +73,7 @@ def test_reject_returns_a_black_image_and_marks_it_blocked(sd_pipe, guard, ungua
                   generator=generators(range(4)))
     assert out.guardrail.blocked == [False, True, False, False]
     assert out.guardrail.attempts == [1, 1, 1, 1]
+    assert out.guardrail.stages == ["first", "refused", "first", "first"]
     assert pixels(out.images[1]).max() == 0 and out.images[1].size == unguarded[1].size
     assert out.nsfw_content_detected is None, "memorization is not NSFW: the pipeline's own flags stay as they were"
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
