@@ -248,6 +248,8 @@ def _run_summary(
         "first_attempt_clean": int((~matched_first).sum()),
         "false_resamples": int((np.array(report.resampled) & ~matched_first & ~unguarded_copies).sum()),
         "resampled": int(sum(report.resampled)),
+        "exhausted": int(sum(report.exhausted)),
+        "blocked": int(sum(report.blocked)),
         "matched_first": int(matched_first.sum()),
         "refused": int(refused.sum()),
         "refused_of_blocklisted_prompt_slots": _rate(refused & blocklisted_prompt_slots, blocklisted_prompt_slots),

@@ -24,7 +24,8 @@ def test_the_report_has_every_figure_the_design_names(digits_report):
                        ("early_check", "false_stops"), ("guarded", "denoiser_steps"), ("unguarded", "denoiser_steps"),
                        ("guarded", "refused"), ("guarded", "replacements_on_prompt"),
                        ("unguarded", "near_copies_of_blocklisted"), ("guarded", "near_copies_of_blocklisted"),
-                       ("guarded", "false_resamples"), ("guarded", "first_attempt_clean")]:
+                       ("guarded", "false_resamples"), ("guarded", "first_attempt_clean"), ("guarded", "resampled"),
+                       ("guarded", "exhausted"), ("guarded", "blocked"), ("guarded", "generations")]:
         assert key in on_disk[group], f"{group}.{key}"
     assert on_disk["samples"] == SAMPLES and len(on_disk["slots"]) == SAMPLES
     assert set(on_disk["stages_alone"]) >= {"reseed", "delay_guidance", "steer_away", "perturb_prompt"}
@@ -40,6 +41,7 @@ def test_the_model_regurgitates_and_the_guard_lets_no_copy_through(digits_report
 def test_the_full_policy_escapes_where_reseeding_refuses(digits_report):
     _, report = digits_report
     full, reseed = report["guarded"], report["reseed_only"]
+    assert full["blocked"] == full["exhausted"] == full["refused"], "on_exhausted='black': every refusal is black"
     assert full["refused"] < reseed["refused"], "the escalation must beat reseeding on a memorizing model"
     assert full["replacements_on_prompt"] is not None and full["replacements_on_prompt"] >= 0.8
 
