@@ -94,12 +94,22 @@ def run_digits_demo(
     per_prompt = -(-DETECTOR_GENERATIONS // len(other))
     calibrated = calibrate_memorization(pipe, other, fpr=0.01, images_per_prompt=per_prompt, seed=seed + 10_000,
                                         num_inference_steps=steps)
+    benign_scores = memorization_scores(pipe, other, images_per_prompt=per_prompt, seed=seed + 30_000,
+                                        num_inference_steps=steps)
     detector = detection_metrics(
         memorization_scores(pipe, memorized, images_per_prompt=-(-DETECTOR_GENERATIONS // len(memorized)),
                             seed=seed + 20_000, num_inference_steps=steps),
-        memorization_scores(pipe, other, images_per_prompt=per_prompt, seed=seed + 30_000,
-                            num_inference_steps=steps),
+        benign_scores,
     )
+    detector["by_regime"] = {  # unique captions vs a duplicated image among its class's ordinary captions
+        regime: detection_metrics(
+            memorization_scores(pipe, captions, images_per_prompt=-(-DETECTOR_GENERATIONS // len(captions)),
+                                seed=seed + 40_000, num_inference_steps=steps),
+            benign_scores,
+        )
+        for regime in ("verbatim", "template")
+        if (captions := [c for image in training.duplicated if image.regime == regime for c in image.captions])
+    }
     timings["detector_s"] = time.perf_counter() - tick
 
     prompts = _spread_prompts(samples, memorized, other, seed)
@@ -339,7 +349,9 @@ def format_digits_table(result: dict, out: Path) -> str:
             f"{stage} {info['escaped']}/{info['retried']}" for stage, info in result["stages_alone"].items()
             if stage != "about"),
         f"step-1 memorization score: AUC {detector['auc']:.3f}, TPR {detector['tpr_at_1pct_fpr']:.3f} at 1% FPR "
-        f"({detector['memorized']} memorized vs {detector['benign']} other generations)",
+        f"({detector['memorized']} memorized vs {detector['benign']} other generations); "
+        + ", ".join(f"{regime} prompts alone: AUC {m['auc']:.3f}, TPR {m['tpr_at_1pct_fpr']:.3f}"
+                    for regime, m in detector.get("by_regime", {}).items()),
         f"early check at {early['fractions']}: {_percent(early['caught'])} of {early['copies']} copies stopped before "
         "the last step; "
         f"{_percent(early['false_stops'])} of {early['clean']} clean images stopped",
