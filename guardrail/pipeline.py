@@ -39,6 +39,8 @@ DEFAULT_STRATEGIES = ("reseed", "steer_away", "perturb_prompt")
 """Measured best on the digits demo model (`guardrail demo`); `delay_guidance` is there to add where it helps."""
 ON_EXHAUSTED = ("black", "raise", "keep")
 
+CAPTION_TRIGGER_LIMIT = 1_000_000
+"""Blocklists up to this many entries have their captions read for the caption trigger (`match_captions`)."""
 SAVED_FOLDER = "guardrail"
 """`save_pretrained` writes the blocklist and the guard's settings into this subfolder of the pipeline folder."""
 
@@ -504,13 +506,24 @@ class GuardedPipeline:
         return rows
 
     def _blocklisted_captions(self) -> frozenset:
+        """The blocklist's normalized captions, read once per blocklist (a swap reads the new one's).
+
+        A list over `CAPTION_TRIGGER_LIMIT` entries is not read: its records are parsed lazily, and reading every
+        caption would cost a pass over the file and memory per entry. Use `memorization_threshold` there.
+        """
         blocklist = getattr(self.guard, "blocklist", None)
         cached_for, captions = self._captions
         if blocklist is None or blocklist is cached_for:
             return captions
-        captions = frozenset(
-            normalize_caption(entry["caption"]) for entry in blocklist.entries if isinstance(entry.get("caption"), str)
-        ) - {""}
+        if len(blocklist) > CAPTION_TRIGGER_LIMIT:
+            logger.warning("guardrail: the caption trigger is off for a blocklist of %d entries (over %d)",
+                           len(blocklist), CAPTION_TRIGGER_LIMIT)
+            captions = frozenset()
+        else:
+            captions = frozenset(
+                normalize_caption(entry["caption"]) for entry in blocklist.entries
+                if isinstance(entry.get("caption"), str)
+            ) - {""}
         self._captions = (blocklist, captions)
         return captions
 

@@ -199,3 +199,15 @@ def test_the_whole_policy_runs_on_sdxl():
         prompt=PROMPT, num_inference_steps=STEPS, height=64, width=64, generator=generators([0]))
     assert out.guardrail.stages == ["perturb_prompt"] and out.guardrail.attempts == [4]
     assert no_hooks_left(pipe)
+
+
+def test_the_caption_trigger_skips_blocklists_too_large_to_read(sd_pipe, embedder, unguarded, monkeypatch, caplog):
+    import guardrail.pipeline
+
+    blocklist = Blocklist.from_images([unguarded[1]], embedder, entries=[{"id": "m", "caption": PROMPT}],
+                                      threshold=TEST_THRESHOLD)
+    monkeypatch.setattr(guardrail.pipeline, "CAPTION_TRIGGER_LIMIT", 0)
+    out = GuardedPipeline(sd_pipe, Guard(blocklist, embedder), early_check=())(
+        prompt=PROMPT, num_images_per_prompt=4, num_inference_steps=2, generator=generators(range(4)))
+    assert out.guardrail.triggered == [False] * 4 and out.guardrail.stages[1] == "reseed"
+    assert "caption trigger is off" in caplog.text
