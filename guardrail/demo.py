@@ -35,6 +35,7 @@ from .demo_shared import (  # noqa: F401  (re-exported: the demo's public helper
     DEMO_EMBEDDER_WEIGHTS,
     NEAR_COPY_DISTANCE,
     TILE_GRID,
+    DemoRun,
     as_unit_float,
     demo_embedder,
     per_slot_generators,
@@ -128,27 +129,20 @@ def run_demo(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
+        run = DemoRun(Path(out_dir), samples, model, pretrained, seed, steps, threshold, verbose, started)
         if pipeline == "digits":
             from .demo_digits import run_digits_demo
 
-            return run_digits_demo(Path(out_dir), samples, model, pretrained, seed, steps, threshold, verbose, started)
-        return _run(Path(out_dir), samples, model, pretrained, seed, steps, threshold, verbose, started)
+            return run_digits_demo(run)
+        return _run(run)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(
-    out: Path,
-    samples: int,
-    model: str | None,
-    pretrained: str | os.PathLike | None,
-    seed: int,
-    steps: int,
-    threshold: float | None,
-    verbose: bool,
-    started: float,
-) -> dict:
+def _run(run: DemoRun) -> dict:
     """The demo's steps in order, each timed: load, blocklist, generate twice, score the slots, report."""
+    out, samples, model, pretrained, seed, steps = run.out, run.samples, run.model, run.pretrained, run.seed, run.steps
+    threshold, verbose, started = run.threshold, run.verbose, run.started
     import torch
 
     from .blocklist import DEFAULT_THRESHOLD

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,21 @@ import numpy as np
 
 from .embedders import BUNDLED_CONFIGS
 from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """One `guardrail demo` run's validated options, as `run_demo` hands them to the model's own runner."""
+
+    out: Path
+    samples: int
+    model: str | None
+    pretrained: str | os.PathLike | None
+    seed: int
+    steps: int
+    threshold: float | None
+    verbose: bool
+    started: float  # perf_counter() when the run began, for the report's total time
 
 DEMO_EMBEDDER_MODEL = "guardrail-tiny-vit"
 
