@@ -1,14 +1,16 @@
 """guardrail: stop text-to-image diffusion models from handing users copies of their training images.
 
 A `Blocklist` holds embeddings of images that must not be reproduced; a `Guard` embeds generated images with
-open_clip and looks them up with faiss; a `GuardedPipeline` wraps any diffusers pipeline and resamples, rejects
-or flags matches; `calibrate` picks a blocklist's threshold from measured copies and non-copies. Heavy libraries
-(torch, open_clip, diffusers, faiss) are imported only when first used, so `import guardrail` costs numpy and PIL.
+open_clip (or a copy-detection descriptor such as SSCD, from a TorchScript or ONNX file) and looks them up with
+faiss; a `GuardedPipeline` wraps any diffusers pipeline and resamples, rejects or flags matches; `calibrate` picks
+a blocklist's threshold from measured copies and non-copies. Heavy libraries (torch, open_clip, diffusers, faiss,
+onnxruntime) are imported only when first used, so `import guardrail` costs numpy and PIL.
 """
 
 from .blocklist import DEFAULT_THRESHOLD, Blocklist
 from .build import BuildError, build_blocklist, merge_blocklists
 from .calibration import CalibrationResult, calibrate
+from .descriptors import ONNXEmbedder, TorchScriptEmbedder
 from .detector import MemorizationThreshold, calibrate_memorization
 from .embedders import Embedder, OpenCLIPEmbedder, embedder_from_spec
 from .errors import (
@@ -16,6 +18,7 @@ from .errors import (
     EmbedderMismatchError,
     GuardrailError,
     ImageDecodeError,
+    ModelFileError,
     ResampleExhaustedError,
     UsageError,
 )
@@ -42,6 +45,8 @@ __all__ = [
     "GuardedPipeline",
     "GuardrailError",
     "MemorizationThreshold",
+    "ModelFileError",
+    "ONNXEmbedder",
     "PerturbPrompt",
     "Reseed",
     "Stage",
@@ -49,6 +54,7 @@ __all__ = [
     "ImageDecodeError",
     "OpenCLIPEmbedder",
     "ResampleExhaustedError",
+    "TorchScriptEmbedder",
     "UsageError",
     "Verdict",
     "build_blocklist",

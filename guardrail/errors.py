@@ -27,6 +27,10 @@ class EmbedderMismatchError(GuardrailError):
     """The runtime embedder does not make the same vectors as the one that built the blocklist."""
 
 
+class ModelFileError(GuardrailError):
+    """A TorchScript or ONNX file is not a usable model: missing, not of its format, or wrong output on a probe."""
+
+
 class ImageDecodeError(GuardrailError, ValueError):
     """An input image cannot be decoded or turned into a valid embedding (corrupt, empty, NaN, bad shape)."""
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
+from pathlib import Path
 
 # No network at test time: no model hub, and no socket to anything but loopback.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -80,6 +82,33 @@ def memorized_blocklist(unguarded, embedder):
 @pytest.fixture(scope="session")
 def guard(memorized_blocklist, embedder):
     return Guard(memorized_blocklist, embedder)
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str):
+    """An example script under examples/, imported by file path (examples/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def export_descriptor():
+    """`examples/export_descriptor.py`'s `export_gem_descriptor(path, format, seed=0, dim=512)`."""
+    return load_example("export_descriptor").export_gem_descriptor
+
+
+@pytest.fixture(scope="session")
+def descriptor_files(tmp_path_factory, export_descriptor):
+    """The example's seeded GeM descriptor (seed 0, 512-d), exported once as `{"torchscript": Path, "onnx": Path}`."""
+    folder = tmp_path_factory.mktemp("descriptors")
+    return {
+        "torchscript": export_descriptor(folder / "gem-seed0.torchscript.pt", "torchscript", seed=0),
+        "onnx": export_descriptor(folder / "gem-seed0.onnx", "onnx", seed=0),
+    }
 
 
 @pytest.fixture(scope="module")
