@@ -12,6 +12,7 @@ does). Verification streams the file in chunks, so checking a 100M-entry file ne
 from __future__ import annotations
 
 import array
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -31,15 +32,19 @@ from typing import Any
 import numpy as np
 
 from .embedders import Embedder, file_sha256
+from .embedding_sets import (
+    DESCRIPTOR, EXTRA_TENSORS, EmbeddingSet, check_embedding_set, check_extra_layout, check_tile_shape, check_tiles,
+    extra_metadata, extra_tensors,
+)
 from .errors import BlocklistError, UsageError
 from .images import ImageInput, to_pil_images
+from .scores import UNIT_NORM_TOLERANCE, check_threshold, check_unit_vectors
 
 FORMAT = "guardrail.blocklist"
 FORMAT_VERSION = "1"
 DEFAULT_THRESHOLD = 0.95
 """Cosine at or above which an image is a match. Suits real CLIP weights; calibrate for your embedder."""
 
-UNIT_NORM_TOLERANCE = 1e-2  # float16 storage rounds norms to about 1e-3
 _STORED_DTYPES = frozenset({"F16", "F32", "U8"})  # safetensors names of float16, float32, uint8
 _REQUIRED_METADATA = ("format", "format_version", "spec", "threshold", "count", "created", "content_sha256")
 _NUMPY_DTYPES = {"F16": np.dtype(np.float16), "F32": np.dtype(np.float32), "U8": np.dtype(np.uint8)}
@@ -72,6 +77,16 @@ class Blocklist:
             A serialized trained index of these vectors and its kind (see `attach_index`); stored in the file.
         index_params (`dict`, *optional*):
             The stored index's search parameters (`nprobe`, `candidates`, `ef_search`), used when it is loaded.
+        descriptor (`EmbeddingSet`, *optional*):
+            A second embedding of the same entries by a copy-detection descriptor (SSCD), with its own spec and
+            threshold: `Guard` then lets the main vectors propose and the descriptor decide (see
+            `guardrail.embedding_sets`).
+        tiles (`np.ndarray`, *optional*), tile_threshold (`float`, *optional*):
+            `(N, len(TILE_GRID), dim)` vectors of each entry's tiles by the main embedder, and the cosine at which a
+            tile pair matches.
+        recall_threshold (`float`, *optional*):
+            With a descriptor: the main-vector cosine at or above which an entry is proposed to the descriptor.
+            Defaults to the main threshold.
 
     `build_blocklist` also sets `build_report`, the build's counts and skips (not stored in the file).
     """
@@ -86,6 +101,11 @@ class Blocklist:
         faiss_index: np.ndarray | None = None,
         index_kind: str | None = None,
         index_params: dict | None = None,
+        *,
+        descriptor: EmbeddingSet | None = None,
+        tiles: np.ndarray | None = None,
+        tile_threshold: float | None = None,
+        recall_threshold: float | None = None,
     ) -> None:
         embeddings = np.asarray(embeddings)
         if embeddings.ndim != 2 or not np.issubdtype(embeddings.dtype, np.floating):
@@ -95,7 +115,7 @@ class Blocklist:
         if embeddings.shape[1] != spec["dim"]:
             raise BlocklistError(f"embeddings have dim {embeddings.shape[1]} but the spec says dim {spec['dim']}")
         self.embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-        _check_unit_vectors(self.embeddings)
+        check_unit_vectors(self.embeddings)
         if entries is None:
             entries = [{"id": str(i)} for i in range(len(embeddings))]
         if len(entries) != len(embeddings):
@@ -113,21 +133,49 @@ class Blocklist:
         self.faiss_index = None if faiss_index is None else np.ascontiguousarray(faiss_index, dtype=np.uint8)
         self.index_kind = index_kind
         self.index_params = _checked_index_params(index_params)
+        self.tiles = None if tiles is None else np.ascontiguousarray(tiles, dtype=np.float32)
+        self.tile_threshold = None if tile_threshold is None else check_threshold(tile_threshold)
+        if self.tiles is not None:
+            check_tiles("tiles", self.tiles, len(self), self.dim)
+        if descriptor is not None:
+            descriptor = EmbeddingSet(
+                np.ascontiguousarray(descriptor.embeddings, dtype=np.float32), dict(descriptor.spec),
+                check_threshold(descriptor.threshold),
+                None if descriptor.tiles is None else np.ascontiguousarray(descriptor.tiles, dtype=np.float32),
+                descriptor.tile_threshold,
+            )
+            check_embedding_set(DESCRIPTOR, descriptor, len(self))
+        elif recall_threshold is not None:
+            raise BlocklistError("recall_threshold needs a descriptor set: it is where the descriptor takes over")
+        self.descriptor = descriptor
+        self.recall_threshold = None if recall_threshold is None else check_threshold(recall_threshold)
         self.build_report: dict | None = None
         self.path: Path | None = None  # the file a loaded blocklist maps
 
     @classmethod
     def _mapped(cls, embeddings: np.ndarray, entries: "LazyEntries", spec: dict, threshold: float, created: str,
                 faiss_index: np.ndarray | None, index_kind: str | None, index_params: dict | None,
-                path: Path) -> "Blocklist":
+                path: Path, extras: dict) -> "Blocklist":
         """A loaded blocklist over the file's memory maps, already checked by `load` (no copy, no parsing)."""
         blocklist = cls.__new__(cls)
         blocklist.embeddings, blocklist.entries, blocklist.spec = embeddings, entries, spec
         blocklist.threshold, blocklist.created = threshold, created
         blocklist.faiss_index, blocklist.index_kind = faiss_index, index_kind
         blocklist.index_params = index_params
+        blocklist.tiles, blocklist.tile_threshold = extras["tiles"], extras.get("tile_threshold")
+        blocklist.descriptor, blocklist.recall_threshold = extras["descriptor"], extras.get("recall_threshold")
         blocklist.build_report, blocklist.path = None, path
         return blocklist
+
+    def embedding_set(self, name: str = "main") -> EmbeddingSet:
+        """The `"main"` set (this blocklist's own vectors, spec, threshold and tiles) or the `"descriptor"` set."""
+        if name == DESCRIPTOR:
+            if self.descriptor is None:
+                raise UsageError("this blocklist has no descriptor set; build one with a descriptor embedder")
+            return self.descriptor
+        if name != "main":
+            raise UsageError(f"name must be 'main' or {DESCRIPTOR!r}, got {name!r}")
+        return EmbeddingSet(self.embeddings, self.spec, self.threshold, self.tiles, self.tile_threshold)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -188,16 +236,42 @@ class Blocklist:
 
     def with_threshold(self, threshold: float) -> "Blocklist":
         """A copy with another threshold (the vectors and records are shared, not copied)."""
+        return self.with_thresholds(threshold=threshold)
+
+    def with_thresholds(
+        self,
+        *,
+        threshold: float | None = None,
+        tile_threshold: float | None = None,
+        recall_threshold: float | None = None,
+        descriptor_threshold: float | None = None,
+        descriptor_tile_threshold: float | None = None,
+    ) -> "Blocklist":
+        """A copy with the given thresholds changed (None keeps one); vectors and records are shared, not copied.
+
+        `recall_threshold` and the descriptor's thresholds need a descriptor set, the tile thresholds its tiles."""
         copy = Blocklist.__new__(Blocklist)
         copy.__dict__.update(self.__dict__)
-        copy.threshold = check_threshold(threshold)
+        if threshold is not None:
+            copy.threshold = check_threshold(threshold)
+        if tile_threshold is not None:
+            copy.tile_threshold = check_threshold(tile_threshold)
+        descriptor_values = {"threshold": descriptor_threshold, "tile_threshold": descriptor_tile_threshold}
+        if recall_threshold is not None or any(value is not None for value in descriptor_values.values()):
+            if self.descriptor is None:
+                raise UsageError("recall and descriptor thresholds need a descriptor set; this blocklist has none")
+            if recall_threshold is not None:
+                copy.recall_threshold = check_threshold(recall_threshold)
+            copy.descriptor = dataclasses.replace(self.descriptor, **{
+                key: check_threshold(value) for key, value in descriptor_values.items() if value is not None})
         return copy
 
     def release_pages(self) -> None:
         """Drop this process's resident pages of the file's memory maps (the kernel keeps them cached): called after
         a full pass over a map (reading the stored index) so resident memory shows what the process needs. The
         maps are copy-on-write: anything this process wrote into a loaded list's arrays is discarded too."""
-        for mapped in (self.embeddings, self.faiss_index, getattr(self.entries, "data", None)):
+        extras = (self.tiles, *((self.descriptor.embeddings, self.descriptor.tiles) if self.descriptor else ()))
+        for mapped in (self.embeddings, self.faiss_index, getattr(self.entries, "data", None), *extras):
             _release_pages(mapped)
 
     # ---- disk format -------------------------------------------------------------------------------------------
@@ -212,6 +286,7 @@ class Blocklist:
         }
         if self.faiss_index is not None:
             tensors["index"] = self.faiss_index
+        tensors.update(extra_tensors(self.embedding_set(), self.descriptor, dtype))
         metadata = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -224,6 +299,7 @@ class Blocklist:
             metadata["index_kind"] = self.index_kind
             if self.index_params:
                 metadata["index_params"] = json.dumps(self.index_params, sort_keys=True)
+        metadata.update(extra_metadata(self.embedding_set(), self.descriptor, self.recall_threshold))
         metadata["content_sha256"] = content_sha256(tensors, metadata)
         return tensors, metadata
 
@@ -289,7 +365,7 @@ class Blocklist:
             _mapped_array(path, embeddings_region, random_access=True), entries, spec, threshold,
             layout.metadata["created"],
             None if index_region is None else _mapped_array(path, index_region), layout.metadata.get("index_kind"),
-            index_params, path,
+            index_params, path, _mapped_extras(path, layout, count, spec),
         )
 
 
@@ -309,10 +385,17 @@ def _check_format(where: str, metadata: dict[str, str]) -> None:
 
 def _check_tensor_layout(where: str, tensors: dict[str, "_Region"], metadata: dict[str, str]) -> None:
     """The expected tensor names, dtypes and ranks; an `index` tensor only with its `index_kind`."""
-    if not {"embeddings", "entries"} <= set(tensors) <= {"embeddings", "entries", "index"}:
+    if not {"embeddings", "entries"} <= set(tensors) <= {"embeddings", "entries", "index", *EXTRA_TENSORS}:
         raise BlocklistError(
-            f"{where} must hold tensors 'embeddings' and 'entries' (and optionally 'index'), found {sorted(tensors)}"
+            f"{where} must hold tensors 'embeddings' and 'entries' (and optionally 'index' and "
+            f"{', '.join(map(repr, EXTRA_TENSORS))}), found {sorted(tensors)}"
         )
+    for name in EXTRA_TENSORS:
+        region = tensors.get(name)
+        rank = 3 if name.startswith("tiles") else 2
+        if region is not None and (region.dtype not in (np.float16, np.float32) or region.ndim != rank):
+            raise BlocklistError(f"{where}: {name} must be a {rank}-D float16/float32 tensor, got {region.dtype} "
+                                 f"{region.shape}")
     stored_index = tensors.get("index")
     if stored_index is not None and (stored_index.dtype != np.uint8 or stored_index.ndim != 1):
         raise BlocklistError(f"{where}: index must be a 1-D uint8 tensor, got {stored_index.dtype} {stored_index.shape}")
@@ -527,7 +610,8 @@ def _scanned(path: Path, layout: _Layout, verify: bool) -> _Scan:
     digest = hashlib.sha256()
     newlines: list[np.ndarray] = []
     entry_lines = _EntryLines() if verify else None
-    vectors = _VectorCheck(layout.tensors["embeddings"]) if verify else None
+    vector_checks = {name: _VectorCheck(layout.tensors[name]) for name in ("embeddings", *EXTRA_TENSORS)
+                     if verify and name in layout.tensors}
     buffer = bytearray(_STREAM_BYTES)
     with open(path, "rb") as handle:
         for name in sorted(layout.tensors):
@@ -536,7 +620,8 @@ def _scanned(path: Path, layout: _Layout, verify: bool) -> _Scan:
                 continue
             digest.update(json.dumps([name, str(region.dtype), list(region.shape)]).encode())
             block_bytes = len(buffer)
-            if name == "embeddings" and vectors is not None and vectors.row_bytes:
+            vectors = vector_checks.get(name)
+            if vectors is not None and vectors.row_bytes:
                 block_bytes = max(1, len(buffer) // vectors.row_bytes) * vectors.row_bytes
             position = region.start
             handle.seek(position)
@@ -553,7 +638,7 @@ def _scanned(path: Path, layout: _Layout, verify: bool) -> _Scan:
                     newlines.append(found + (position - region.start))
                     if entry_lines is not None:
                         entry_lines.feed(bytes(block))
-                elif name == "embeddings" and vectors is not None:
+                elif vectors is not None:
                     vectors.feed(block)
                 position += got
     entries_region = layout.tensors["entries"]
@@ -567,7 +652,10 @@ def _scanned(path: Path, layout: _Layout, verify: bool) -> _Scan:
         digest.update(json.dumps(signed, sort_keys=True).encode())
         scan.checksum = digest.hexdigest()
         entry_lines.finish()
-        scan.vector_problem = vectors.problem
+        problems = [(name, check.problem) for name, check in vector_checks.items() if check.problem is not None]
+        if problems:
+            name, problem = problems[0]
+            scan.vector_problem = problem if name == "embeddings" else f"{name}: {problem}"
         scan.entry_problem = entry_lines.problem
         scan.id_hashes = np.asarray(entry_lines.id_hashes, dtype=np.uint64)
         scan.entries = LazyEntries(_mapped_array(path, entries_region), bounds, os.fspath(path))
@@ -614,7 +702,7 @@ class _VectorCheck:
     """Checks embeddings fed in whole rows: the first non-finite or non-unit vector, by row."""
 
     def __init__(self, region: _Region) -> None:
-        self.dtype, self.dim = region.dtype, region.shape[1] if len(region.shape) == 2 else 0
+        self.dtype, self.dim = region.dtype, region.shape[-1] if len(region.shape) >= 2 else 0
         self.row_bytes = self.dim * self.dtype.itemsize
         self.row = 0
         self.problem: str | None = None if self.dim or not region.shape or not region.shape[0] else (
@@ -650,6 +738,28 @@ def _mapped_array(path: Path, region: _Region, random_access: bool = False) -> n
         except (AttributeError, OSError, ValueError):  # not supported here: only read-ahead is lost
             pass
     return mapped
+
+
+def _mapped_extras(path: Path, layout: _Layout, count: int, spec: dict) -> dict:
+    """The descriptor set and tiles of a loaded file (memory maps), checked against the entry count and specs."""
+    where = os.fspath(path)
+    shapes = {name: region.shape for name, region in layout.tensors.items()}
+    parsed = check_extra_layout(where, shapes, layout.metadata, count)
+
+    def mapped(name: str) -> np.ndarray | None:
+        region = layout.tensors.get(name)
+        return None if region is None else _mapped_array(path, region, random_access=True)
+
+    if "tiles" in shapes:
+        check_tile_shape(where, "tiles", shapes["tiles"], count, spec["dim"])
+    descriptor = None
+    if parsed["descriptor_spec"] is not None:
+        descriptor_spec = parsed["descriptor_spec"]
+        if "tiles.descriptor" in shapes:
+            check_tile_shape(where, "tiles.descriptor", shapes["tiles.descriptor"], count, descriptor_spec["dim"])
+        descriptor = EmbeddingSet(mapped("embeddings.descriptor"), descriptor_spec, parsed["descriptor_threshold"],
+                                  mapped("tiles.descriptor"), parsed.get("descriptor_tile_threshold"))
+    return {**parsed, "tiles": mapped("tiles"), "descriptor": descriptor}
 
 
 def _release_pages(array: Any) -> None:
@@ -708,27 +818,6 @@ def _umask() -> int:
             return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
     except (OSError, StopIteration, ValueError):
         return 0o022
-
-
-def _check_unit_vectors(embeddings: np.ndarray) -> None:
-    if not np.isfinite(embeddings).all():
-        raise BlocklistError("embeddings contain NaN or infinite values")
-    if len(embeddings):
-        norms = np.linalg.norm(embeddings, axis=1)
-        worst = int(np.argmax(np.abs(norms - 1.0)))
-        if abs(norms[worst] - 1.0) > UNIT_NORM_TOLERANCE:
-            raise BlocklistError(f"embedding {worst} has L2 norm {norms[worst]:.4f}; every vector must be unit-norm")
-
-
-def check_threshold(threshold: float) -> float:
-    """`threshold` as a float in [-1, 1], or a UsageError."""
-    try:
-        threshold = float(threshold)
-    except (TypeError, ValueError) as error:
-        raise UsageError(f"threshold must be a number, got {threshold!r}") from error
-    if not math.isfinite(threshold) or not -1.0 <= threshold <= 1.0:
-        raise UsageError(f"threshold must be a cosine similarity in [-1, 1], got {threshold}")
-    return threshold
 
 
 def _entry_with_defaults(entry: Any, row: int) -> dict:

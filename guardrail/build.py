@@ -20,11 +20,13 @@ import numpy as np
 
 from .blocklist import DEFAULT_THRESHOLD, UNIT_NORM_TOLERANCE, Blocklist, check_threshold
 from .embedders import Embedder
+from .embedding_sets import TILE_GRID, EmbeddingSet
 from .errors import GuardrailError, ImageDecodeError, UsageError
 from .images import load_image
 from .index import KINDS as INDEX_KINDS
 from .index import DEFAULT_CANDIDATES, DEFAULT_EF_SEARCH, BlocklistIndex, check_search_options, store_trained_index
 from .sources import Item, iter_items, source_kind
+from .tiles import embed_with_tiles, tile_crops
 
 
 class BuildError(GuardrailError):
@@ -39,10 +41,16 @@ class BuildError(GuardrailError):
 class _PreparedItem:
     item: Item
     pixels: Any = None  # the embedder's input for one image (a CHW tensor, or a PIL image)
+    image: Any = None  # the decoded PIL image, kept only when a descriptor or tiles need it too
     vector: np.ndarray | None = None
     skip: str | None = None  # why the item was skipped
     mode: str = "RGB"  # the image's original mode, for the report's conversion counts
 
+
+DEFAULT_DESCRIPTOR_THRESHOLD = 0.75
+"""Descriptor cosine at or above which an image is a copy: the value SSCD's authors suggest; calibrate yours."""
+RECALL_MARGIN = 0.1
+"""A new descriptor set's recall threshold is the main threshold less this, until `guardrail calibrate` sets it."""
 
 DEDUPE_NEIGHBOURS = 32
 """Nearest neighbours each vector is compared with when dedupe groups entries (see `fold_duplicates`)."""
@@ -65,6 +73,9 @@ def build_blocklist(
     index: str = "auto",
     nprobe: int | str | None = None,
     candidates: int | None = None,
+    descriptor: Embedder | None = None,
+    descriptor_threshold: float = DEFAULT_DESCRIPTOR_THRESHOLD,
+    tiles: bool = False,
 ) -> Blocklist:
     """Build a blocklist from image folders, manifests, webdataset shards and precomputed embedding folders.
 
@@ -83,6 +94,11 @@ def build_blocklist(
         index: the search index stored in the blocklist (`store_trained_index`): `"auto"` (by size), or a kind.
         nprobe, candidates: search parameters stored with that index (defaults: `"auto"` nprobe, 32 candidates);
             a guard loading the file uses them unless it is given its own.
+        descriptor: a copy-detection descriptor (`TorchScriptEmbedder`, `ONNXEmbedder`) whose vectors of the same
+            images are stored as the blocklist's descriptor set, in the same pass over the images (see
+            `guardrail.embedding_sets`). Its recall threshold starts at `threshold - RECALL_MARGIN`.
+        descriptor_threshold: the descriptor set's threshold (default 0.75, as SSCD's authors suggest).
+        tiles: also store the vectors of each entry's `TILE_GRID` crops, by the embedder (and the descriptor).
 
     Returns:
         The `Blocklist`, with the build report (a dict) as its `build_report` attribute.
@@ -96,8 +112,13 @@ def build_blocklist(
     check_search_options(candidates or DEFAULT_CANDIDATES, nprobe or "auto", DEFAULT_EF_SEARCH, "auto")  # fail now
     batch_size = batch_size or getattr(embedder, "batch_size", 32)
     started = time.perf_counter()
-    preparer = _ItemPreparer(embedder, spec["dim"], download, download_timeout, download_retries)
-    embedded = _embed_sources(sources, embedder, preparer, batch_size, workers, on_error, progress)
+    if (descriptor is not None or tiles) and any(source_kind(source) == "embeddings" for source in sources):
+        raise UsageError("a descriptor set and tiles need the images: precomputed-embedding sources cannot have them")
+    check_threshold(descriptor_threshold)
+    preparer = _ItemPreparer(embedder, spec["dim"], download, download_timeout, download_retries,
+                             keep_images=descriptor is not None or tiles)
+    extras = _ExtraSets(embedder, descriptor, tiles)
+    embedded = _embed_sources(sources, embedder, preparer, batch_size, workers, on_error, progress, extras)
     if not embedded.records:
         report = _build_report(sources, embedded, dedupe, 0, threshold, time.perf_counter() - started)
         raise BuildError(
@@ -107,7 +128,8 @@ def build_blocklist(
         )
     vectors = np.concatenate(embedded.vectors)
     folded, dedupe_index = fold_duplicates(vectors, embedded.records, dedupe) if dedupe is not None else (0, None)
-    blocklist = Blocklist(vectors, embedded.records, spec=spec, threshold=threshold)
+    blocklist = Blocklist(vectors, embedded.records, spec=spec, threshold=threshold, **extras.sets(descriptor_threshold,
+                                                                                                    threshold))
     store_trained_index(blocklist, index, index=dedupe_index, nprobe=nprobe, candidates=candidates)
     blocklist.build_report = _build_report(sources, embedded, dedupe, folded, threshold, time.perf_counter() - started)
     return blocklist
@@ -156,9 +178,36 @@ class _Embedded:
         self.records.extend(prepared.item.record for prepared in batch)
 
 
+class _ExtraSets:
+    """The descriptor's vectors and the tiles' vectors of each embedded batch, made from the same decoded images."""
+
+    def __init__(self, embedder: Embedder | None, descriptor: Embedder | None, tiles: bool) -> None:
+        self.embedder, self.descriptor, self.tiles = embedder, descriptor, tiles
+        self.parts: dict[str, list[np.ndarray]] = {"tiles": [], "descriptor": [], "descriptor_tiles": []}
+
+    def add(self, images: list) -> None:
+        if self.tiles:
+            self.parts["tiles"].append(self.embedder.embed(tile_crops(images)).reshape(len(images), len(TILE_GRID), -1))
+        if self.descriptor is not None:
+            whole, tile_vectors = embed_with_tiles(self.descriptor, images, self.tiles)
+            self.parts["descriptor"].append(whole)
+            if tile_vectors is not None:
+                self.parts["descriptor_tiles"].append(tile_vectors)
+
+    def sets(self, descriptor_threshold: float, threshold: float) -> dict:
+        """`Blocklist` keyword arguments for the extra sets."""
+        joined = {name: np.concatenate(parts) if parts else None for name, parts in self.parts.items()}
+        found: dict = {"tiles": joined["tiles"]}
+        if self.descriptor is not None:
+            found["descriptor"] = EmbeddingSet(joined["descriptor"], dict(self.descriptor.spec), descriptor_threshold,
+                                               joined["descriptor_tiles"])
+            found["recall_threshold"] = max(-1.0, threshold - RECALL_MARGIN)
+        return found
+
+
 def _embed_sources(
     sources: list[str], embedder: Embedder | None, preparer: "_ItemPreparer", batch_size: int, workers: int,
-    on_error: str, progress: bool,
+    on_error: str, progress: bool, extras: _ExtraSets,
 ) -> _Embedded:
     """Read every item (decoding in `workers` threads), embed images in batches and keep precomputed vectors."""
     embedded = _Embedded()
@@ -168,6 +217,10 @@ def _embed_sources(
 
     def embed_images() -> None:
         embedded.add(_embedded_batch(embedder, images), images)
+        if preparer.keep_images:
+            extras.add([prepared.image for prepared in images])
+            for prepared in images:
+                prepared.image = None
         embedded.counts["embedded"] += len(images)
         bar.update(len(images))
         images.clear()
@@ -327,8 +380,43 @@ def merge_blocklists(
     vectors = np.concatenate([first.embeddings[:0], *(blocklist.embeddings for blocklist in blocklists)])
     records = [dict(entry) for blocklist in blocklists for entry in blocklist.entries]
     folded, dedupe_index = (0, None) if dedupe is None or not len(vectors) else fold_duplicates(vectors, records, dedupe)
-    merged = Blocklist(vectors, records, spec=first.spec, threshold=first.threshold if threshold is None else threshold)
+    merged = Blocklist(vectors, records, spec=first.spec, threshold=first.threshold if threshold is None else threshold,
+                       tile_threshold=first.tile_threshold, recall_threshold=first.recall_threshold,
+                       **_merged_extras(blocklists))
     return store_trained_index(merged, index, index=dedupe_index)
+
+
+def _merged_extras(blocklists: Sequence[Blocklist]) -> dict:
+    """The inputs' descriptor sets and tiles, joined: every input must have the same ones (thresholds: the first's)."""
+    from .embedders import spec_differences
+    from .errors import EmbedderMismatchError
+
+    first = blocklists[0]
+    for position, other in enumerate(blocklists[1:], start=2):
+        if (other.descriptor is None) != (first.descriptor is None) or (other.tiles is None) != (first.tiles is None) or (
+                first.descriptor is not None and (other.descriptor.tiles is None) != (first.descriptor.tiles is None)):
+            raise UsageError(
+                f"blocklist {position} and blocklist 1 differ in their descriptor set or tiles; merge only blocklists "
+                "built with the same --descriptor and --tiles options"
+            )
+        if first.descriptor is not None:
+            differences = spec_differences(first.descriptor.spec, other.descriptor.spec)
+            if differences:
+                raise EmbedderMismatchError(
+                    f"blocklist {position}'s descriptor set was made by another descriptor ({'; '.join(differences)})"
+                )
+
+    def joined(arrays: list) -> np.ndarray | None:
+        return None if arrays[0] is None else np.concatenate([np.asarray(array, np.float32) for array in arrays])
+
+    found: dict = {"tiles": joined([blocklist.tiles for blocklist in blocklists])}
+    if first.descriptor is not None:
+        found["descriptor"] = EmbeddingSet(
+            joined([blocklist.descriptor.embeddings for blocklist in blocklists]), first.descriptor.spec,
+            first.descriptor.threshold, joined([blocklist.descriptor.tiles for blocklist in blocklists]),
+            first.descriptor.tile_threshold,
+        )
+    return found
 
 
 def _items_with_unique_ids(sources: list[str]) -> Iterator[Item]:
@@ -360,9 +448,11 @@ def _mapped_in_order(function, items: Iterable[Item], workers: int, window: int)
 class _ItemPreparer:
     """Runs in worker threads: fetch/read bytes, hash them, decode, and apply the embedder's transform."""
 
-    def __init__(self, embedder: Embedder | None, dim: int, download: bool, timeout: float, retries: int) -> None:
+    def __init__(self, embedder: Embedder | None, dim: int, download: bool, timeout: float, retries: int,
+                 keep_images: bool = False) -> None:
         self.transform = getattr(embedder, "transform", None) if hasattr(embedder, "encode") else None
         self.dim, self.download, self.timeout, self.retries = dim, download, timeout, retries
+        self.keep_images = keep_images
 
     def __call__(self, item: Item) -> _PreparedItem:
         if item.vector is not None:
@@ -396,7 +486,8 @@ class _ItemPreparer:
         finally:
             item.data = None  # keep memory flat: the bytes are not needed any more
         pixels = self.transform(image) if self.transform is not None else image
-        return _PreparedItem(item, pixels=pixels, mode=image.info.get("source_mode", "RGB"))
+        return _PreparedItem(item, pixels=pixels, image=image if self.keep_images else None,
+                             mode=image.info.get("source_mode", "RGB"))
 
     def _checked_vector(self, item: Item) -> _PreparedItem:
         vector = item.vector

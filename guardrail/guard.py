@@ -16,49 +16,30 @@ import os
 import threading
 from collections import Counter, deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from .blocklist import Blocklist, check_threshold
+from .cascade import DEFAULT_RECALL_K, Thresholds, staged_verdicts, thresholds_in_force
 from .embedders import Embedder, spec_differences
 from .errors import EmbedderMismatchError, UsageError
-from .images import ImageInput
+from .images import ImageInput, to_pil_images
 from .index import BlocklistIndex, RowFilter
+from .verdict import NO_MATCH_SCORE, Verdict
 
 logger = logging.getLogger(__name__)
-
-NO_MATCH_SCORE = -1.0
-"""`Verdict.score` when no (enabled) entry exists: the lowest possible cosine."""
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """The guard's decision for one image.
-
-    Attributes:
-        matched: whether the best cosine similarity reached the threshold.
-        score: the best cosine similarity against the enabled entries (`NO_MATCH_SCORE` when there are none).
-        entry_id: id of the nearest enabled entry, or None.
-        entry: that entry's record (id, caption, source, sha256, duplicates, ...), or None.
-    """
-
-    matched: bool
-    score: float
-    entry_id: str | None
-    entry: dict | None
-
-    def to_dict(self) -> dict:
-        return {"matched": self.matched, "score": self.score, "entry_id": self.entry_id, "entry": self.entry}
-
 
 class _Snapshot(NamedTuple):
     blocklist: Blocklist
     index: BlocklistIndex
-    threshold: float
+    thresholds: Thresholds
     disabled_rows: frozenset
     row_filter: RowFilter | None = None  # the disabled rows as a faiss selector; None when none is disabled
+
+    @property
+    def threshold(self) -> float:
+        return self.thresholds.main
 
 
 def _default_index_device(embedder: Embedder) -> str:
@@ -103,9 +84,21 @@ class Guard:
         rescore (`str`, *optional*, defaults to `"auto"`):
             Where candidates are re-scored from: `"memory"` (a float32 copy), `"mapped"` (the blocklist file's
             memory map), or `"auto"` (mapped above `guardrail.index.RESCORE_IN_MEMORY_BYTES`).
+        descriptor (`Embedder`, *optional*):
+            The copy-detection descriptor (`TorchScriptEmbedder`, `ONNXEmbedder`) that built the blocklist's
+            descriptor set. The guard then matches in two stages (`guardrail.cascade`): the main embedder proposes
+            entries at the blocklist's `recall_threshold`, and the descriptor decides at its own threshold. Without
+            it, a blocklist's descriptor set is not used.
+        tiles (`bool`, *optional*, defaults to `False`):
+            Also match the crops of `TILE_GRID` (partial copies, template verbatims) at the blocklist's tile
+            threshold (`guardrail calibrate --tiles` sets it). Each image then costs `1 + len(TILE_GRID)` embeddings
+            per stage.
+        recall_k (`int`, *optional*, defaults to 8):
+            Nearest entries proposed per image (and per tile) when matching in stages or with tiles.
 
     Raises:
-        EmbedderMismatchError: the embedder's spec differs from the blocklist's.
+        EmbedderMismatchError: the embedder's (or the descriptor's) spec differs from the blocklist's.
+        UsageError: a descriptor for a blocklist without a descriptor set, or tiles without a tile threshold.
     """
 
     def __init__(
@@ -123,14 +116,21 @@ class Guard:
         ef_search: int | None = None,
         max_memory: int | None = None,
         rescore: str | None = None,
+        descriptor: Embedder | None = None,
+        tiles: bool = False,
+        recall_k: int = DEFAULT_RECALL_K,
     ) -> None:
-        if not isinstance(embedder, Embedder):
-            raise UsageError(f"embedder must provide spec, dim and embed(); got {type(embedder).__name__}")
+        for name, value in (("embedder", embedder), ("descriptor", descriptor)):
+            if value is not None and not isinstance(value, Embedder):
+                raise UsageError(f"{name} must provide spec, dim and embed(); got {type(value).__name__}")
+        if recall_k < 1:
+            raise UsageError(f"recall_k must be >= 1, got {recall_k}")
         if flood_fraction is not None and not 0.0 < flood_fraction <= 1.0:
             raise UsageError(f"flood_fraction must be in (0, 1], got {flood_fraction}")
         if flood_window < 1:
             raise UsageError(f"flood_window must be >= 1, got {flood_window}")
         self.embedder = embedder
+        self.descriptor, self.tiles, self.recall_k = descriptor, bool(tiles), recall_k
         self.index_kind = index_kind
         self.index_device = index_device or _default_index_device(embedder)
         self.index_options = {"nprobe": nprobe, "candidates": candidates, "ef_search": ef_search,
@@ -147,20 +147,23 @@ class Guard:
     def _snapshot_of(self, blocklist: Blocklist | str | os.PathLike) -> _Snapshot:
         """A snapshot of `blocklist` with its index and the threshold in force (no lock needed: nothing is shared)."""
         blocklist, index = self._verified_with_index(blocklist)
-        threshold = blocklist.threshold if self._threshold_override is None else self._threshold_override
-        return _Snapshot(blocklist, index, threshold, frozenset())
+        return _Snapshot(blocklist, index, self._thresholds_of(blocklist), frozenset())
+
+    def _thresholds_of(self, blocklist: Blocklist) -> Thresholds:
+        return thresholds_in_force(blocklist, self._threshold_override, self.descriptor, self.tiles)
 
     def _verified_with_index(self, blocklist: Blocklist | str | os.PathLike) -> tuple[Blocklist, BlocklistIndex]:
         """The blocklist (loaded if a path), checked against the embedder, and its search index: the slow part."""
         if not isinstance(blocklist, Blocklist):
             blocklist = Blocklist.load(blocklist)
-        differences = spec_differences(blocklist.spec, self.embedder.spec)
-        if differences:
-            raise EmbedderMismatchError(
-                "the embedder does not match the one that built the blocklist ("
-                + "; ".join(differences)
-                + "). Use the blocklist's model and weights, or rebuild the blocklist with this embedder"
-            )
+        _check_same_spec("embedder", blocklist.spec, self.embedder.spec)
+        if self.descriptor is not None:
+            if blocklist.descriptor is None:
+                raise UsageError(
+                    "descriptor was given but the blocklist has no descriptor set; rebuild it with the descriptor "
+                    "(guardrail build --descriptor FILE), or leave descriptor out"
+                )
+            _check_same_spec("descriptor", blocklist.descriptor.spec, self.descriptor.spec)
         return blocklist, self._index_of(blocklist, self.index_device)
 
     def _index_of(self, blocklist: Blocklist, device: str) -> BlocklistIndex:
@@ -180,11 +183,12 @@ class Guard:
         return self._snapshot.threshold
 
     def to(self, device: Any, dtype: Any = None) -> "Guard":
-        """Follow a pipeline to `device` (and `dtype`): the embedder moves, and the index moves to a GPU when faiss
-        has GPU support (back to the CPU otherwise). Returns the guard."""
-        move_embedder = getattr(self.embedder, "to", None)
-        if callable(move_embedder):
-            move_embedder(device, dtype=dtype)
+        """Follow a pipeline to `device` (and `dtype`): the embedder (and descriptor) move, and the index moves to a
+        GPU when faiss has GPU support (back to the CPU otherwise). Returns the guard."""
+        for model in (self.embedder, self.descriptor):
+            move = getattr(model, "to", None)
+            if callable(move):
+                move(device, dtype=dtype)
         index_device = _default_index_device(self.embedder)
         if index_device != self.index_device:
             self.index_device = index_device
@@ -215,8 +219,7 @@ class Guard:
         with self._lock:
             if threshold is not None:
                 self._threshold_override = threshold
-            in_force = blocklist.threshold if self._threshold_override is None else self._threshold_override
-            snapshot = _Snapshot(blocklist, index, in_force, frozenset())
+            snapshot = _Snapshot(blocklist, index, self._thresholds_of(blocklist), frozenset())
             rows = frozenset(blocklist.rows_of(sorted(self.disabled)).values())
             self._snapshot = self._with_disabled(snapshot, rows)
 
@@ -271,19 +274,27 @@ class Guard:
         `record=False` the verdicts stay out of `match_counts()` and the flood report (for previews of unfinished
         images, such as the sampler's early check).
         """
-        return self.check_embeddings(self.embedder.embed(images), record=record)
+        if self.descriptor is None and not self.tiles:
+            return self.check_embeddings(self.embedder.embed(images), record=record)
+        verdicts = staged_verdicts(self._snapshot, self.embedder, self.descriptor, self.tiles, self.recall_k,
+                                   to_pil_images(images))
+        if record:
+            self._count_matches(verdicts)
+        return verdicts
 
     def check_embeddings(self, vectors: np.ndarray, record: bool = True) -> list[Verdict]:
-        """Verdicts for vectors already made by this guard's embedder (unit-norm float32 `(n, dim)`)."""
+        """Verdicts for vectors already made by this guard's embedder (unit-norm float32 `(n, dim)`), matched as
+        whole images against the main vectors: the descriptor and tiles need the images (`check`)."""
         snapshot = self._snapshot  # read once: all verdicts of a call come from one blocklist
         scores, ids = snapshot.index.search(vectors, k=1, skip=snapshot.row_filter)
         verdicts = []
         for score, row in zip(scores[:, 0].tolist(), ids[:, 0].tolist()):
             if row < 0 or row in snapshot.disabled_rows:  # nothing enabled (the filter already skipped disabled rows)
-                verdicts.append(Verdict(False, NO_MATCH_SCORE, None, None))
+                verdicts.append(Verdict(False, NO_MATCH_SCORE, None, None, scores={"main": NO_MATCH_SCORE}))
                 continue
             entry = snapshot.blocklist.entries[row]  # parsed now, for this verdict only (lazy on a loaded list)
-            verdicts.append(Verdict(bool(score >= snapshot.threshold), float(score), entry["id"], dict(entry)))
+            verdicts.append(Verdict(bool(score >= snapshot.threshold), float(score), entry["id"], dict(entry),
+                                    scores={"main": float(score)}))
         if record:  # previews (the sampler's early x̂0 checks) stay out of the match counts and flood reports
             self._count_matches(verdicts)
         return verdicts
@@ -303,3 +314,12 @@ class Guard:
                     entry_id, 100 * self.flood_fraction, len(self._recent), entry_id,
                 )
             self._flooding = flooding
+
+
+def _check_same_spec(name: str, expected: dict, actual: dict) -> None:
+    differences = spec_differences(expected, actual)
+    if differences:
+        raise EmbedderMismatchError(
+            f"the {name} does not match the one that built the blocklist ({'; '.join(differences)}). Use the "
+            f"blocklist's model and weights, or rebuild the blocklist with this {name}"
+        )
