@@ -20,7 +20,7 @@ import numpy as np
 
 from .blocklist import DEFAULT_THRESHOLD, UNIT_NORM_TOLERANCE, Blocklist, check_threshold
 from .embedders import Embedder
-from .embedding_sets import TILE_GRID, EmbeddingSet
+from .embedding_sets import DEFAULT_DESCRIPTOR_THRESHOLD, TILE_GRID, EmbeddingSet
 from .errors import GuardrailError, ImageDecodeError, UsageError
 from .images import load_image
 from .index import KINDS as INDEX_KINDS
@@ -47,8 +47,6 @@ class _PreparedItem:
     mode: str = "RGB"  # the image's original mode, for the report's conversion counts
 
 
-DEFAULT_DESCRIPTOR_THRESHOLD = 0.75
-"""Descriptor cosine at or above which an image is a copy: the value SSCD's authors suggest; calibrate yours."""
 RECALL_MARGIN = 0.1
 """A new descriptor set's recall threshold is the main threshold less this, until `guardrail calibrate` sets it."""
 

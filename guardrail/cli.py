@@ -15,6 +15,7 @@ import threading
 from collections.abc import Sequence
 
 from .blocklist import DEFAULT_THRESHOLD
+from .embedding_sets import DEFAULT_DESCRIPTOR_THRESHOLD
 from .errors import GuardrailError, UsageError
 from .index import KINDS as INDEX_KINDS
 
@@ -27,6 +28,29 @@ def add_embedder_arguments(parser: argparse.ArgumentParser) -> None:
         "weights file needs that file here)",
     )
     parser.add_argument("--device", default="cpu", help="torch device for the embedder (default: cpu)")
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
+    """How `check` and `calibrate` use a blocklist's descriptor set and tiles."""
+    parser.add_argument("--descriptor", metavar="FILE",
+                        help="the TorchScript/ONNX descriptor file of the blocklist's descriptor set (default: the "
+                        "file its spec records); with a descriptor set the check runs in two stages")
+    parser.add_argument("--main-only", action="store_true",
+                        help="ignore the blocklist's descriptor set: match with the main vectors alone")
+    parser.add_argument("--tiles", action="store_true",
+                        help="also match tiles of each image (partial copies); needs calibrated tile thresholds")
+
+
+def _descriptor_for(blocklist, args: argparse.Namespace):
+    """The blocklist's descriptor, rebuilt from its spec (and `--descriptor FILE`), or None for one stage."""
+    from .embedders import embedder_from_spec
+
+    if args.main_only or blocklist.descriptor is None:
+        if args.descriptor and not args.main_only:
+            raise UsageError(f"--descriptor {args.descriptor}: the blocklist has no descriptor set; build one with "
+                             "guardrail build --descriptor FILE")
+        return None
+    return embedder_from_spec(blocklist.descriptor.spec, pretrained=args.descriptor, device=args.device)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -47,7 +71,17 @@ def cmd_info(args: argparse.Namespace) -> int:
         "index": blocklist.index_kind or "none stored (exact search, or chosen at load)",
         "index_params": blocklist.index_params or {},
         "spec": blocklist.spec,
+        "tiles": _tiles_info(blocklist.tiles, blocklist.tile_threshold),
     }
+    if blocklist.descriptor is not None:
+        descriptor = blocklist.descriptor
+        info["descriptor"] = {
+            "vectors": f"{descriptor.embeddings.dtype} x {descriptor.dim}",
+            "threshold": descriptor.threshold,
+            "recall_threshold": blocklist.recall_threshold,
+            "tiles": _tiles_info(descriptor.tiles, descriptor.tile_threshold),
+            "spec": descriptor.spec,
+        }
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -55,6 +89,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         for key, value in info.items():
             print(f"{key:<{width}}  {json.dumps(value) if isinstance(value, dict) else value}")
     return 0
+
+
+def _tiles_info(tiles, threshold) -> str:
+    from .embedding_sets import TILE_GRID
+
+    if tiles is None:
+        return "none stored"
+    return f"{len(TILE_GRID)} per entry ({', '.join(TILE_GRID)}), threshold {threshold if threshold is not None else 'not calibrated'}"
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -67,7 +109,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     blocklist = Blocklist.load(args.blocklist)
     embedder = embedder_from_spec(blocklist.spec, pretrained=args.pretrained, device=args.device)
-    guard = Guard(blocklist, embedder, threshold=args.threshold)
+    guard = Guard(blocklist, embedder, threshold=args.threshold, descriptor=_descriptor_for(blocklist, args),
+                  tiles=args.tiles)
     decoded, errors = {}, {}
     for path in args.images:
         try:
@@ -86,7 +129,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"ERROR  {result['image']}: {result['error']}")
         else:
             status = "MATCH" if result["matched"] else "ok   "
-            print(f"{status}  {result['image']}  score={result['score']:.4f}  entry={result['entry_id']}")
+            decided = "" if result["stage"] == "main" else f"  stage={result['stage']}"
+            tile = f"  tile={result['tile']!r}" if result["tile"] else ""
+            print(f"{status}  {result['image']}  score={result['score']:.4f}  entry={result['entry_id']}{decided}{tile}")
     return 1 if any(r.get("matched") or "error" in r for r in results) else 0
 
 
@@ -122,6 +167,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     else:
         embedder = OpenCLIPEmbedder(args.model, args.pretrained, device=args.device, batch_size=args.batch_size)
         spec = None
+    descriptor = None
+    if args.descriptor:
+        from .descriptors import descriptor_from_file
+
+        descriptor = descriptor_from_file(args.descriptor, image_size=args.descriptor_image_size,
+                                          resize_mode=args.descriptor_resize, device=args.device,
+                                          batch_size=args.batch_size)
     try:
         blocklist = build_blocklist(
             args.sources,
@@ -137,6 +189,9 @@ def cmd_build(args: argparse.Namespace) -> int:
             index=args.index,
             nprobe=args.nprobe,
             candidates=args.candidates,
+            descriptor=descriptor,
+            descriptor_threshold=args.descriptor_threshold,
+            tiles=args.tiles,
         )
     except BuildError as error:
         if args.report:
@@ -210,6 +265,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     positives = _image_files(args.positives, "--positives") if args.positives else _entry_source_files(blocklist)
     negatives = _image_files(args.negatives, "--negatives")
     embedder = embedder_from_spec(blocklist.spec, pretrained=args.pretrained, device=args.device)
+    descriptor = _descriptor_for(blocklist, args)
+    if descriptor is not None or args.tiles:
+        return _calibrate_stages(args, blocklist, embedder, descriptor, positives, negatives)
     result = calibrate(blocklist, embedder, positives, negatives, target_fpr=args.target_fpr,
                        copies_per_image=args.copies, seed=args.seed, on_error="skip",
                        on_suspect=args.suspect_negatives)
@@ -237,6 +295,33 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_stages(args: argparse.Namespace, blocklist, embedder, descriptor, positives, negatives) -> int:
+    """`calibrate` for a two-stage or tiled blocklist: every threshold, and TPR per stage and family."""
+    from .stage_calibration import calibrate_stages
+
+    result = calibrate_stages(blocklist, embedder, positives, negatives, descriptor, tiles=args.tiles,
+                              target_fpr=args.target_fpr, recall_fpr=args.recall_fpr, copies_per_image=args.copies,
+                              seed=args.seed, on_error="skip")
+    chosen = dict(result.thresholds)
+    if args.tiles:  # a tiled guard matches whole images at the threshold chosen beside the tile threshold
+        chosen["threshold"] = chosen.pop("tiled_threshold", chosen["threshold"])
+        if "tiled_descriptor_threshold" in chosen:
+            chosen["descriptor_threshold"] = chosen.pop("tiled_descriptor_threshold")
+    _save_with_dtype_of(blocklist.with_thresholds(**chosen), args.blocklist, args.output)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "written": chosen, "output": args.output}, indent=2))
+        return 0
+    print(result.table())
+    if result.proposed is not None:
+        print(f"recall stage proposed {result.proposed:.1%} of the negatives to the descriptor")
+    written = ", ".join(f"{name} {value:.6f}" for name, value in chosen.items())
+    print(f"wrote {args.output}: {written} (for a guard {'with' if args.tiles else 'without'} tiles), target FPR "
+          f"{result.target_fpr} on {result.negatives} negatives")
+    for line in result.skipped:
+        print(f"  skipped {line}")
+    return 0
+
+
 def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `guardrail calibrate`."""
     from .calibration import DEFAULT_COPIES_PER_IMAGE, SUSPECT_ACTIONS
@@ -257,6 +342,9 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="OUT.safetensors",
                         help="where to write the blocklist with the chosen threshold")
     add_embedder_arguments(parser)
+    add_stage_arguments(parser)
+    parser.add_argument("--recall-fpr", type=float, default=0.2,
+                        help="with a descriptor set: the share of negatives the first stage may propose (default 0.2)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -337,6 +425,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="IVF lists a query visits, stored with the index (default: auto, from the list count)")
     build.add_argument("--candidates", type=int, metavar="N",
                        help="proposals re-scored exactly per query, stored with the index (default: 32)")
+    build.add_argument("--descriptor", metavar="FILE",
+                       help="a copy-detection descriptor (TorchScript .pt, or .onnx), e.g. SSCD's "
+                       "sscd_disc_mixup.torchscript.pt: its vectors are stored as a second set, in the same pass")
+    build.add_argument("--descriptor-image-size", type=int, default=288,
+                       help="the descriptor's input size (default 288: SSCD's short side; 320 with --descriptor-resize "
+                       "squash)")
+    build.add_argument("--descriptor-resize", choices=("shortest", "squash"), default="shortest",
+                       help="resize the short side to the size (default), or the whole image to a square")
+    build.add_argument("--descriptor-threshold", type=float, default=DEFAULT_DESCRIPTOR_THRESHOLD,
+                       help=f"the descriptor set's threshold (default {DEFAULT_DESCRIPTOR_THRESHOLD}; calibrate it)")
+    build.add_argument("--tiles", action="store_true",
+                       help="also store vectors of each entry's tiles (quarters and centre) for partial copies")
     build.add_argument("--report", metavar="REPORT.json", help="write the build report (counts, skips) here")
     build.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar on stderr (default: when stderr is a terminal)")
@@ -360,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--threshold", type=float, help="override the blocklist's threshold")
     check.add_argument("--json", action="store_true", help="print one JSON object per image")
     add_embedder_arguments(check)
+    add_stage_arguments(check)
     check.set_defaults(run=cmd_check)
 
     calibrate = verbs.add_parser(

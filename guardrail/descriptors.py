@@ -400,6 +400,12 @@ class ONNXEmbedder(_DescriptorEmbedder):
         return self
 
 
+def descriptor_from_file(path: str | os.PathLike, **options: Any) -> TorchScriptEmbedder | ONNXEmbedder:
+    """An `ONNXEmbedder` for a `.onnx` file, else a `TorchScriptEmbedder`; `options` as theirs."""
+    embedder_class = ONNXEmbedder if os.fspath(path).lower().endswith(".onnx") else TorchScriptEmbedder
+    return embedder_class(path, **options)
+
+
 def descriptor_from_spec(
     spec: dict,
     pretrained: str | os.PathLike | None = None,
@@ -424,7 +430,7 @@ def descriptor_from_spec(
         raise EmbedderMismatchError(
             f"the blocklist was built with the {family} model {spec.get('weights_file')!r} (sha256 "
             f"{spec.get('weights_sha256')}), which is not at {os.fspath(path) if path else path!r}; pass that file "
-            f"(--pretrained PATH on the command line, pretrained=PATH in Python)"
+            f"(--descriptor FILE on the command line, pretrained=PATH in Python)"
         )
     digest = file_sha256(path)
     if digest != spec.get("weights_sha256"):

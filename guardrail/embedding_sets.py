@@ -38,6 +38,9 @@ TILE_BOXES = {
 }
 """Each tile as (left, top, right, bottom) fractions of the image."""
 
+DEFAULT_DESCRIPTOR_THRESHOLD = 0.75
+"""Descriptor cosine at or above which an image is a copy: the value SSCD's authors suggest; calibrate yours."""
+
 DESCRIPTOR = "descriptor"
 EXTRA_TENSORS = ("embeddings.descriptor", "tiles", "tiles.descriptor")
 _FLOAT_METADATA = ("descriptor_threshold", "recall_threshold", "tile_threshold", "descriptor_tile_threshold")

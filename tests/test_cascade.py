@@ -7,6 +7,7 @@ from torchvision, `build_blocklist`, the file format, and `Guard`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -305,3 +306,92 @@ def test_precomputed_sources_cannot_get_a_descriptor_set(tmp_path, torchscript_d
     np.save(tmp_path / "img_emb" / "img_emb_0.npy", embedder.embed([Image.new("RGB", (32, 32), "red")]))
     with pytest.raises(UsageError, match="need the images"):
         build_blocklist([str(tmp_path)], spec=embedder.spec, descriptor=torchscript_descriptor)
+
+
+# ---- calibration per stage ------------------------------------------------------------------------------------
+
+OTHERS = ["brick.png", "camera.png", "cell.png", "chessboard_RGB.png", "clock_motion.png", "coins.png", "color.png",
+          "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "logo.png", "moon.png", "page.png",
+          "retina.jpg", "text.png", "motorcycle_right.png"]
+
+
+@pytest.fixture(scope="module")
+def negatives() -> list[Image.Image]:
+    return [bundled(name) for name in OTHERS] + [bundled(name).transpose(Image.Transpose.ROTATE_90) for name in OTHERS]
+
+
+def test_stage_calibration_reports_every_configuration_and_its_thresholds_hold_in_the_guard(photos, negatives):
+    from guardrail.stage_calibration import calibrate_stages
+
+    main, descriptor = Thumbnails(4), Thumbnails(16)
+    blocklist = two_stage_blocklist(photos, main, descriptor, tiles=True)
+    result = calibrate_stages(blocklist, main, photos[:4], negatives, descriptor, tiles=True, target_fpr=0.05,
+                              recall_fpr=0.5, copies_per_image=1, measure_speed=False)
+    assert set(result.tpr_by_family) == {"main", "descriptor", "cascade", "cascade+tiles"}
+    assert "partial" in result.tpr_by_family["cascade"] and len(result.tpr_by_family["cascade"]) == 10
+    assert all(fpr <= 0.05 for fpr in result.fpr.values())
+    assert 0.0 < result.proposed <= 0.5
+
+    thresholds = result.thresholds
+    calibrated = blocklist.with_thresholds(recall_threshold=thresholds["recall_threshold"],
+                                           descriptor_threshold=thresholds["descriptor_threshold"])
+    guard = Guard(calibrated, main, descriptor=descriptor)
+    assert np.mean([verdict.matched for verdict in guard.check(negatives)]) == pytest.approx(result.fpr["cascade"])
+
+
+def test_stage_calibration_needs_a_descriptor_or_tiles(photos, negatives):
+    from guardrail.stage_calibration import calibrate_stages
+
+    main = Thumbnails(4)
+    with pytest.raises(UsageError, match="needs a descriptor or tiles"):
+        calibrate_stages(Blocklist(main.embed(photos[:4]), spec=main.spec), main, photos[:4], negatives)
+
+
+# ---- the command ----------------------------------------------------------------------------------------------
+
+
+def test_the_command_builds_inspects_calibrates_and_checks_a_two_stage_blocklist(
+        photos, negatives, weights_file, descriptor_files, tmp_path, capsys):
+    from guardrail.cli import main as cli
+
+    entries, others = tmp_path / "entries", tmp_path / "negatives"
+    entries.mkdir(), others.mkdir()
+    for i, image in enumerate(photos[:4]):
+        image.save(entries / f"entry-{i}.png")
+    for i, image in enumerate(negatives[:12]):
+        image.save(others / f"other-{i}.png")
+    built = tmp_path / "two-stage.safetensors"
+    assert cli(["build", str(entries), "-o", str(built), "--model", "ViT-S-32", "--pretrained", str(weights_file),
+                "--descriptor", str(descriptor_files["onnx"]), "--descriptor-image-size", "96",
+                "--descriptor-resize", "squash", "--tiles"]) == 0
+    assert cli(["info", str(built), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert info["descriptor"]["spec"]["family"] == "onnx" and info["descriptor"]["vectors"] == "float32 x 512"
+    assert info["tiles"].startswith("5 per entry") and info["descriptor"]["tiles"].endswith("not calibrated")
+
+    calibrated = tmp_path / "calibrated.safetensors"
+    assert cli(["calibrate", "-b", str(built), "--negatives", str(others), "--pretrained", str(weights_file),
+                "--target-fpr", "0.1", "--copies", "1", "--tiles", "-o", str(calibrated), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    loaded = Blocklist.load(calibrated)
+    assert loaded.descriptor.threshold == pytest.approx(report["written"]["descriptor_threshold"])
+    assert loaded.descriptor.tile_threshold == pytest.approx(report["written"]["descriptor_tile_threshold"])
+    assert loaded.recall_threshold == pytest.approx(report["written"]["recall_threshold"])
+
+    (entries / "entry-1.png").rename(tmp_path / "copy.png")
+    code = cli(["check", "-b", str(calibrated), str(tmp_path / "copy.png"), str(others / "other-0.png"),
+                "--pretrained", str(weights_file), "--tiles", "--json"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 1 and lines[0]["matched"] and lines[0]["stage"] == "descriptor"
+    assert set(lines[0]["scores"]) >= {"main", "descriptor"}
+
+
+def test_check_with_a_descriptor_for_a_single_set_blocklist_is_a_usage_error(embedder, weights_file, descriptor_files,
+                                                                            photos, tmp_path, capsys):
+    from guardrail.cli import main as cli
+
+    path = Blocklist.from_images(photos[:2], embedder).save(tmp_path / "plain.safetensors")
+    photos[0].save(tmp_path / "image.png")
+    assert cli(["check", "-b", str(path), str(tmp_path / "image.png"), "--pretrained", str(weights_file),
+                "--descriptor", str(descriptor_files["onnx"])]) == 2
+    assert "has no descriptor set" in capsys.readouterr().err
