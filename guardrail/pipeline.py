@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .batching import BatchLayout
-from .blocklist import Blocklist
+from .blocklist import Blocklist, atomic_path
 from .embedders import Embedder, embedder_from_spec
 from .errors import GuardrailError, ResampleExhaustedError, UsageError
 from .guard import Guard, Verdict
@@ -233,6 +234,8 @@ class GuardedPipeline:
         threshold: float | None = None,
         embedder_device: str | None = None,
         embedder_pretrained: str | os.PathLike | None = None,
+        descriptor: Embedder | None = None,
+        tiles: bool | None = None,
         pipeline_class: Any = None,
         **pipeline_kwargs: Any,
     ) -> "GuardedPipeline":
@@ -247,6 +250,7 @@ class GuardedPipeline:
             action, max_attempts, on_exhausted, strategies, memorization_threshold, threshold: as for
                 `GuardedPipeline` and `Guard`; by default the saved settings, else the defaults.
             embedder_device: where the rebuilt embedder runs; by default it follows the pipeline's device and dtype.
+            descriptor, tiles: as for `Guard`; by default the saved guard's (its descriptor file is saved with it).
             pipeline_class: the pipeline class to load with (defaults to `diffusers.DiffusionPipeline`).
             **pipeline_kwargs: passed to `from_pretrained` (`torch_dtype`, `local_files_only`, `variant`, ...).
         """
@@ -264,7 +268,11 @@ class GuardedPipeline:
         if embedder is None:
             embedder = embedder_from_spec(blocklist.spec, pretrained=embedder_pretrained, device=embedder_device or "cpu")
         threshold = saved.get("threshold") if threshold is None else threshold
-        guard = Guard(blocklist, embedder, threshold=threshold)  # checked before the (large) pipeline loads
+        if descriptor is None and saved.get("descriptor_file"):
+            descriptor = embedder_from_spec(blocklist.descriptor.spec, pretrained=saved["descriptor_file"],
+                                            device=embedder_device or "cpu")
+        tiles = saved.get("tiles", False) if tiles is None else tiles
+        guard = Guard(blocklist, embedder, threshold=threshold, descriptor=descriptor, tiles=tiles)  # checked first
         if pipeline_class is None:
             from diffusers import DiffusionPipeline as pipeline_class
         pipe = pipeline_class.from_pretrained(pretrained_model_name_or_path, **pipeline_kwargs)
@@ -301,6 +309,7 @@ class GuardedPipeline:
         folder = Path(save_directory) / SAVED_FOLDER
         folder.mkdir(parents=True, exist_ok=True)
         self.guard.blocklist.save(folder / "blocklist.safetensors")
+        descriptor_file = _saved_descriptor(self.guard.descriptor, folder)
         settings = {
             "action": self.action,
             "max_attempts": self.max_attempts,
@@ -308,6 +317,8 @@ class GuardedPipeline:
             "threshold": self.guard.threshold,
             "strategies": [stage.name for stage in self.strategies],
             "memorization_threshold": self.memorization_threshold,
+            "descriptor_file": descriptor_file,
+            "tiles": self.guard.tiles,
         }
         temporary = folder / "guardrail_config.json.tmp"
         temporary.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
@@ -568,7 +579,20 @@ def _saved_settings(folder: str | os.PathLike) -> dict:
         raise UsageError(f"{saved / 'guardrail_config.json'} is unreadable ({error}); save the pipeline again") from error
     if not isinstance(settings, dict):
         raise UsageError(f"{saved / 'guardrail_config.json'} must hold a JSON object; save the pipeline again")
-    return {**settings, "blocklist": saved / "blocklist.safetensors"}
+    descriptor_file = settings.get("descriptor_file")
+    return {**settings, "blocklist": saved / "blocklist.safetensors",
+            "descriptor_file": saved / descriptor_file if descriptor_file else None}
+
+
+def _saved_descriptor(descriptor: Embedder | None, folder: Path) -> str | None:
+    """Copy the guard's descriptor file into `folder` (atomically), so the saved pipeline is whole; its name."""
+    if descriptor is None:
+        return None
+    source = Path(descriptor.spec["weights_file"])
+    name = "descriptor" + "".join(source.suffixes[-1:])
+    with atomic_path(folder / name) as temporary:
+        shutil.copyfile(source, temporary)
+    return name
 
 
 class _SlotLedger:

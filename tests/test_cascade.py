@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import PROMPT, STEPS, generators
+
 from guardrail import Blocklist, Guard, build_blocklist
+from guardrail.embedders import spec_differences
 from guardrail.embedding_sets import TILE_GRID, EmbeddingSet
 from guardrail.errors import BlocklistError, EmbedderMismatchError, UsageError
 from guardrail.images import to_pil_images
@@ -395,3 +398,27 @@ def test_check_with_a_descriptor_for_a_single_set_blocklist_is_a_usage_error(emb
     assert cli(["check", "-b", str(path), str(tmp_path / "image.png"), "--pretrained", str(weights_file),
                 "--descriptor", str(descriptor_files["onnx"])]) == 2
     assert "has no descriptor set" in capsys.readouterr().err
+
+
+def test_a_guarded_pipeline_with_a_two_stage_guard_blocks_the_copy_and_saves_whole(
+        sd_pipe, unguarded, embedder, torchscript_descriptor, tmp_path):
+    from guardrail import GuardedPipeline
+
+    descriptor_vectors = torchscript_descriptor.embed(unguarded)
+    others = descriptor_vectors[[0, 2, 3]] @ descriptor_vectors[1]
+    assert others.max() < 0.999  # the other seeds' images are not copies of seed 1's by the descriptor either
+    blocklist = Blocklist(embedder.embed([unguarded[1]]), [{"id": "seed-1"}], spec=embedder.spec, threshold=0.999,
+                          descriptor=EmbeddingSet(descriptor_vectors[[1]], torchscript_descriptor.spec,
+                                                  (1.0 + float(others.max())) / 2),
+                          recall_threshold=-1.0)  # every image goes to the descriptor
+    guarded = GuardedPipeline(sd_pipe, Guard(blocklist, embedder, descriptor=torchscript_descriptor), action="reject")
+    out = guarded(PROMPT, num_images_per_prompt=4, num_inference_steps=STEPS, generator=generators(range(4)))
+    assert out.guardrail.blocked == [False, True, False, False]
+    assert [verdict.stage for verdict in out.guardrail.verdicts] == ["descriptor"] * 4
+
+    guarded.save_pretrained(tmp_path / "guarded")
+    restored = GuardedPipeline.from_pretrained(tmp_path / "guarded", embedder=embedder, local_files_only=True)
+    assert spec_differences(restored.guard.descriptor.spec, torchscript_descriptor.spec) == []
+    assert Path(restored.guard.descriptor.spec["weights_file"]).parent == tmp_path / "guarded" / "guardrail"
+    out = restored(PROMPT, num_images_per_prompt=4, num_inference_steps=STEPS, generator=generators(range(4)))
+    assert out.guardrail.blocked == [False, True, False, False]
