@@ -16,7 +16,6 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
-import math
 import mmap
 import operator
 import os
