@@ -12,7 +12,8 @@ from .build import BuildError, build_blocklist, merge_blocklists
 from .calibration import CalibrationResult, calibrate
 from .descriptors import ONNXEmbedder, TorchScriptEmbedder
 from .detector import MemorizationThreshold, calibrate_memorization
-from .embedders import Embedder, OpenCLIPEmbedder, embedder_from_spec
+from .embedders import Embedder, OpenCLIPEmbedder
+from .embedding_sets import TILE_GRID, EmbeddingSet
 from .errors import (
     BlocklistError,
     EmbedderMismatchError,
@@ -27,6 +28,8 @@ from .images import load_image
 from .index import BlocklistIndex
 from .mitigation import DelayGuidance, PerturbPrompt, Reseed, Stage, SteerAway
 from .pipeline import GuardedPipeline, GuardReport
+from .rebuild import embedder_from_spec
+from .stage_calibration import StageCalibration, calibrate_stages
 
 __version__ = "0.1.0"
 
@@ -40,6 +43,7 @@ __all__ = [
     "DelayGuidance",
     "Embedder",
     "EmbedderMismatchError",
+    "EmbeddingSet",
     "Guard",
     "GuardReport",
     "GuardedPipeline",
@@ -50,7 +54,9 @@ __all__ = [
     "PerturbPrompt",
     "Reseed",
     "Stage",
+    "StageCalibration",
     "SteerAway",
+    "TILE_GRID",
     "ImageDecodeError",
     "OpenCLIPEmbedder",
     "ResampleExhaustedError",
@@ -60,6 +66,7 @@ __all__ = [
     "build_blocklist",
     "calibrate",
     "calibrate_memorization",
+    "calibrate_stages",
     "embedder_from_spec",
     "load_image",
     "merge_blocklists",

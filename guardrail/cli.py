@@ -43,7 +43,7 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _descriptor_for(blocklist, args: argparse.Namespace):
     """The blocklist's descriptor, rebuilt from its spec (and `--descriptor FILE`), or None for one stage."""
-    from .embedders import embedder_from_spec
+    from .rebuild import embedder_from_spec
 
     if args.main_only or blocklist.descriptor is None:
         if args.descriptor and not args.main_only:
@@ -102,7 +102,7 @@ def _tiles_info(tiles, threshold) -> str:
 def cmd_check(args: argparse.Namespace) -> int:
     """One verdict per image. Exit 1 when any image matches (or cannot be read), 0 when none does."""
     from .blocklist import Blocklist
-    from .embedders import embedder_from_spec
+    from .rebuild import embedder_from_spec
     from .errors import ImageDecodeError
     from .guard import Guard
     from .images import load_image
@@ -259,7 +259,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """Measure copies and non-copies, print the TPR table, and write the blocklist with the chosen threshold."""
     from .blocklist import Blocklist
     from .calibration import TRANSFORM_FAMILIES, calibrate
-    from .embedders import embedder_from_spec
+    from .rebuild import embedder_from_spec
 
     blocklist = Blocklist.load(args.blocklist)
     positives = _image_files(args.positives, "--positives") if args.positives else _entry_source_files(blocklist)

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import embedders as _embedders
 from .embedders import _bounded_aspect, file_sha256, l2_normalize, spec_differences
 from .errors import EmbedderMismatchError, GuardrailError, ModelFileError, UsageError
 from .images import ImageInput, to_pil_images
@@ -400,6 +399,10 @@ class ONNXEmbedder(_DescriptorEmbedder):
         return self
 
 
+DESCRIPTOR_FAMILIES = {TorchScriptEmbedder.family: TorchScriptEmbedder, ONNXEmbedder.family: ONNXEmbedder}
+"""Spec `family` -> the class that rebuilds it."""
+
+
 def descriptor_from_file(path: str | os.PathLike, **options: Any) -> TorchScriptEmbedder | ONNXEmbedder:
     """An `ONNXEmbedder` for a `.onnx` file, else a `TorchScriptEmbedder`; `options` as theirs."""
     embedder_class = ONNXEmbedder if os.fspath(path).lower().endswith(".onnx") else TorchScriptEmbedder
@@ -420,7 +423,7 @@ def descriptor_from_spec(
     `precision` is accepted for `embedder_from_spec`'s signature; a TorchScript model is moved to it on a GPU.
     """
     family = spec.get("family")
-    classes = {TorchScriptEmbedder.family: TorchScriptEmbedder, ONNXEmbedder.family: ONNXEmbedder}
+    classes = DESCRIPTOR_FAMILIES
     if family not in classes:
         raise EmbedderMismatchError(
             f"cannot rebuild a descriptor of family {family!r}; expected one of {sorted(classes)}"
@@ -482,9 +485,3 @@ def _check_channels(name: str, values: Any) -> tuple[float, float, float]:
     if len(floats) != 3 or not all(np.isfinite(floats)):
         raise UsageError(f"{name} must be three finite floats (one per RGB channel), got {values!r}")
     return floats  # type: ignore[return-value]
-
-
-# `embedder_from_spec` rebuilds these families through `descriptor_from_spec` (embedders cannot import this module:
-# it imports embedders). `import guardrail` imports this module, so the entries are there before any call.
-_embedders._FAMILY_REBUILDERS[TorchScriptEmbedder.family] = descriptor_from_spec
-_embedders._FAMILY_REBUILDERS[ONNXEmbedder.family] = descriptor_from_spec

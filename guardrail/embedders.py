@@ -461,31 +461,20 @@ def _bounded_aspect(transform):
     return bounded
 
 
-# Spec families other modules rebuild: family -> function(spec, pretrained, device=, batch_size=, precision=).
-# `guardrail.descriptors` registers "torchscript" and "onnx" when imported (it imports this module, not the reverse).
-_FAMILY_REBUILDERS: dict[str, Any] = {}
-
-
-def embedder_from_spec(
+def open_clip_from_spec(
     spec: dict,
     pretrained: str | os.PathLike | None = None,
     device: str = "cpu",
     batch_size: int = 32,
     precision: str | None = None,
-) -> Embedder:
-    """Rebuild the embedder a blocklist was built with, from its stored spec.
+) -> OpenCLIPEmbedder:
+    """Rebuild the open_clip embedder a blocklist was built with, from its stored spec (see `embedder_from_spec`).
 
     A spec that names a pretrained tag is rebuilt from that tag, or from a local copy of its weights file
     (`pretrained=PATH`) whose sha256 the spec records (`known_weights_sha256s`): the air-gapped path. A spec built
     from a weights file needs that file again. QuickGELU and preprocessing follow the spec. Raises
     `EmbedderMismatchError` when it cannot be rebuilt, the file's sha256 is not the spec's, or the result differs.
-
-    A TorchScript or ONNX descriptor's spec (`guardrail.descriptors`) is rebuilt from `pretrained=PATH`, else from
-    the spec's `weights_file`; the file's sha256 must be the spec's.
     """
-    rebuild = _FAMILY_REBUILDERS.get(spec.get("family"))
-    if rebuild is not None:
-        return rebuild(spec, pretrained, device=device, batch_size=batch_size, precision=precision)
     if spec.get("family") != "open_clip" or not spec.get("model"):
         raise EmbedderMismatchError(
             f"cannot rebuild an embedder of family {spec.get('family')!r} (model {spec.get('model')!r}); pass one yourself"

@@ -26,7 +26,8 @@ import numpy as np
 
 from .batching import BatchLayout
 from .blocklist import Blocklist, atomic_path
-from .embedders import Embedder, embedder_from_spec
+from .embedders import Embedder
+from .rebuild import embedder_from_spec
 from .errors import GuardrailError, ResampleExhaustedError, UsageError
 from .guard import Guard, Verdict
 from .detector import MemorizationThreshold

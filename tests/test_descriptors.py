@@ -284,7 +284,7 @@ def test_embedder_from_spec_rebuilds_a_descriptor_from_its_file(descriptors, des
         np.testing.assert_allclose(rebuilt.embed(pictures[:2]), embedder.embed(pictures[:2]), atol=1e-6)
     moved = shutil.copy(descriptor_files[format], tmp_path / "moved")
     spec = {**squash.spec, "weights_file": str(tmp_path / "gone" / "model")}  # built on another machine
-    with pytest.raises(EmbedderMismatchError, match="--pretrained"):
+    with pytest.raises(EmbedderMismatchError, match="--descriptor FILE"):
         embedder_from_spec(spec)
     assert spec_differences(spec, embedder_from_spec(spec, pretrained=moved).spec) == []
 
