@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .embedders import _bounded_aspect, file_sha256, l2_normalize, spec_differences
+from .embedders import _bounded_aspect, file_sha256, l2_normalize, move_torch_model, spec_differences, torch_precision
 from .errors import EmbedderMismatchError, GuardrailError, ModelFileError, UsageError
 from .images import ImageInput, to_pil_images
 
@@ -290,7 +290,7 @@ class TorchScriptEmbedder(_DescriptorEmbedder):
             return output.float().cpu().numpy()
 
     def _precision(self) -> str:
-        return {"torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(str(self._dtype), "fp32")
+        return torch_precision(self._dtype)
 
     @property
     def device(self) -> str:
@@ -301,13 +301,7 @@ class TorchScriptEmbedder(_DescriptorEmbedder):
 
         Half precision (float16, bfloat16) is taken on a GPU only: on the CPU the model stays in float32.
         """
-        torch = self._torch
-        device = self._device if device is None else torch.device(device)
-        dtype = self._dtype if dtype is None else dtype
-        if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-            dtype = torch.float32
-        self._model.to(device=device, dtype=dtype)
-        self._device, self._dtype = device, dtype
+        self._device, self._dtype = move_torch_model(self._model, self._device, self._dtype, device, dtype)
         self.spec["precision"] = self._precision()
         return self
 

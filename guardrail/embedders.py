@@ -107,6 +107,28 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors / norms
 
 
+def move_torch_model(model: Any, current_device: Any, current_dtype: Any, device: Any = None,
+                     dtype: Any = None) -> tuple[Any, Any]:
+    """Move a torch model as `pipe.to` moves a pipeline's components; returns its new `(device, dtype)`.
+
+    Half precision (float16, bfloat16) is taken on a GPU only: on the CPU the model stays in float32, where
+    half-precision kernels are slow or missing.
+    """
+    import torch
+
+    device = current_device if device is None else torch.device(device)
+    dtype = current_dtype if dtype is None else dtype
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    model.to(device=device, dtype=dtype)
+    return device, dtype
+
+
+def torch_precision(dtype: Any) -> str:
+    """A spec's `precision` for a torch dtype: `"fp16"`, `"bf16"` or `"fp32"`."""
+    return {"torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(str(dtype), "fp32")
+
+
 def register_bundled_configs() -> None:
     """Make open_clip know guardrail's bundled model configs, so specs that name them can be rebuilt; idempotent."""
     import open_clip
@@ -236,14 +258,8 @@ class OpenCLIPEmbedder:
         Half precision (float16, bfloat16) is taken on a GPU only: on the CPU the model stays in float32, where
         half-precision kernels are slow or missing.
         """
-        torch = self._torch
-        device = self._device if device is None else torch.device(device)
-        dtype = self._dtype if dtype is None else dtype
-        if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-            dtype = torch.float32
-        self._model.to(device=device, dtype=dtype)
-        self._device, self._dtype = device, dtype
-        self.spec["precision"] = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+        self._device, self._dtype = move_torch_model(self._model, self._device, self._dtype, device, dtype)
+        self.spec["precision"] = torch_precision(self._dtype)
         return self
 
     def _output_dim(self) -> int:
