@@ -97,19 +97,31 @@ def build_blocklist(
     batch_size = batch_size or getattr(embedder, "batch_size", 32)
     started = time.perf_counter()
     preparer = _ItemPreparer(embedder, spec["dim"], download, download_timeout, download_retries)
-    embedded = _embed_sources(sources, embedder, preparer, batch_size, workers, on_error, progress)
+    embedded = _embed_items(_items_with_unique_ids(sources), embedder, preparer, batch_size, workers, on_error, progress)
+    return finished_blocklist(sources, embedded, spec, threshold, dedupe, index, nprobe, candidates, started)
+
+
+def finished_blocklist(
+    sources: list[str], embedded: "_Embedded", spec: dict, threshold: float, dedupe: float | None, index: str,
+    nprobe: int | str | None, candidates: int | None, started: float, **report_extras: Any,
+) -> Blocklist:
+    """The embedded vectors and records -> a verified Blocklist with its index and build report (any engine).
+
+    Raises `BuildError` (with the report) when nothing valid remained.
+    """
     if not embedded.records:
         report = _build_report(sources, embedded, dedupe, 0, threshold, time.perf_counter() - started)
         raise BuildError(
             f"no valid images in {sources}: all {len(embedded.skips)} items were skipped "
             f"({', '.join(f'{n} {reason}' for reason, n in report['skipped_by_reason'].items()) or 'none found'})",
-            report,
+            {**report, **report_extras},
         )
     vectors = np.concatenate(embedded.vectors)
     folded, dedupe_index = fold_duplicates(vectors, embedded.records, dedupe) if dedupe is not None else (0, None)
     blocklist = Blocklist(vectors, embedded.records, spec=spec, threshold=threshold)
     store_trained_index(blocklist, index, index=dedupe_index, nprobe=nprobe, candidates=candidates)
-    blocklist.build_report = _build_report(sources, embedded, dedupe, folded, threshold, time.perf_counter() - started)
+    report = _build_report(sources, embedded, dedupe, folded, threshold, time.perf_counter() - started)
+    blocklist.build_report = {**report, **report_extras}
     return blocklist
 
 
@@ -156,8 +168,8 @@ class _Embedded:
         self.records.extend(prepared.item.record for prepared in batch)
 
 
-def _embed_sources(
-    sources: list[str], embedder: Embedder | None, preparer: "_ItemPreparer", batch_size: int, workers: int,
+def _embed_items(
+    items: Iterable[Item], embedder: Embedder | None, preparer: "_ItemPreparer", batch_size: int, workers: int,
     on_error: str, progress: bool,
 ) -> _Embedded:
     """Read every item (decoding in `workers` threads), embed images in batches and keep precomputed vectors."""
@@ -177,7 +189,7 @@ def _embed_sources(
         precomputed.clear()
 
     window = max(2 * batch_size, 4 * workers)
-    for prepared in _mapped_in_order(preparer, _items_with_unique_ids(sources), workers, window):
+    for prepared in _mapped_in_order(preparer, items, workers, window):
         embedded.counts["read"] += 1
         if prepared.skip is not None:
             _record_skip(embedded.skips, prepared, on_error)
