@@ -11,6 +11,7 @@ from .build import BuildError, build_blocklist, merge_blocklists
 from .calibration import CalibrationResult, calibrate
 from .detector import MemorizationThreshold, calibrate_memorization
 from .embedders import Embedder, OpenCLIPEmbedder, embedder_from_spec
+from .engine_ray import build_blocklist_on_ray
 from .errors import (
     BlocklistError,
     EmbedderMismatchError,
@@ -22,8 +23,11 @@ from .errors import (
 from .guard import Guard, Verdict
 from .images import load_image
 from .index import BlocklistIndex
+from .mine import mine_duplicates
 from .mitigation import DelayGuidance, PerturbPrompt, Reseed, Stage, SteerAway
 from .pipeline import GuardedPipeline, GuardReport
+from .ray_cluster import ClusterError
+from .shards import ShardError
 
 __version__ = "0.1.0"
 
@@ -34,6 +38,7 @@ __all__ = [
     "BlocklistIndex",
     "BuildError",
     "CalibrationResult",
+    "ClusterError",
     "DelayGuidance",
     "Embedder",
     "EmbedderMismatchError",
@@ -49,12 +54,15 @@ __all__ = [
     "ImageDecodeError",
     "OpenCLIPEmbedder",
     "ResampleExhaustedError",
+    "ShardError",
     "UsageError",
     "Verdict",
     "build_blocklist",
+    "build_blocklist_on_ray",
     "calibrate",
     "calibrate_memorization",
     "embedder_from_spec",
     "load_image",
     "merge_blocklists",
+    "mine_duplicates",
 ]
