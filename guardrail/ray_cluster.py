@@ -72,11 +72,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     """Yield the `ray` module connected to a cluster: the one already initialized in this process, the one at
     `address`, or a new local one. A cluster this function started is shut down on exit."""
     ray = import_ray()
+    if address is not None:
+        check_reachable(address)
     if ray.is_initialized():
         yield ray
         return
-    if address is not None:
-        check_reachable(address)
     try:
         ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
