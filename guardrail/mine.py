@@ -167,8 +167,7 @@ def _rows_of(plan: MinePlan, rows: np.ndarray) -> Iterator[np.ndarray]:
         start, stop = plan.offsets[number], plan.offsets[number + 1]
         local = rows[(rows >= start) & (rows < stop)] - start
         if len(local):
-            vectors = finite_unit_vectors(shard, int(local[0]), int(local[-1]) + 1)
-            yield vectors[local - local[0]]
+            yield finite_unit_vectors(shard, local)
 
 
 def assign_shard(plan: MinePlan, number: int, centroids: np.ndarray) -> dict[str, np.ndarray]:

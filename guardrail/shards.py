@@ -104,14 +104,19 @@ def open_vectors(path: str | Path) -> np.ndarray:
         raise ShardError(f"{path} is not a readable .npy array: {error}") from error
 
 
-def finite_unit_vectors(shard: Shard, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """Rows `start:stop` of a shard as float32 unit vectors; `ShardError` naming the file and rows for NaN/inf/zero rows."""
-    vectors = np.asarray(open_vectors(shard.vectors_path)[start:stop], dtype=np.float32)
+def finite_unit_vectors(shard: Shard, rows: np.ndarray | None = None) -> np.ndarray:
+    """A shard's vectors (all, or only `rows`: only their pages are read) as float32 unit vectors.
+
+    Raises `ShardError` naming the file and rows when a row is NaN, infinite or zero.
+    """
+    stored = open_vectors(shard.vectors_path)
+    vectors = np.asarray(stored if rows is None else stored[rows], dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=1)
     bad = np.flatnonzero(~np.isfinite(norms) | (norms == 0))
     if len(bad):
+        named = bad if rows is None else np.asarray(rows)[bad]
         raise ShardError(
-            f"{shard.vectors_path}: {len(bad)} row(s) are NaN, infinite or zero (rows {(bad + start)[:5].tolist()}"
+            f"{shard.vectors_path}: {len(bad)} row(s) are NaN, infinite or zero (rows {named[:5].tolist()}"
             f"{' ...' if len(bad) > 5 else ''}); remove them or re-embed those images"
         )
     return vectors / norms[:, None]
