@@ -8,6 +8,7 @@ Ray is imported only inside these functions: `import guardrail` and the local en
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -77,6 +78,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if ray.is_initialized():
         yield ray
         return
+    if address is None:  # a local cluster: Ray starts its workers at nice 15 unless told; these are the job itself
+        os.environ.setdefault("RAY_worker_niceness", "0")  # (Ray's job manager sets 0 for its jobs too)
     try:
         ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
