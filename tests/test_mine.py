@@ -132,3 +132,18 @@ def test_the_local_engine_never_imports_ray(planted):
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_an_interrupted_shard_write_leaves_no_shard_file(tmp_path, monkeypatch):
+    """The Ray build's shard writer: a kill while the vectors are written leaves an incomplete shard, never a half
+    file, and the complete shard before it stays readable."""
+    write_shard(tmp_path, 0, np.eye(DIM, dtype=np.float32)[:2], [{"id": "a"}, {"id": "b"}], {"counts": {"read": 2}})
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("guardrail.shards.np.save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_shard(tmp_path, 1, np.eye(DIM, dtype=np.float32)[2:4], [{"id": "c"}, {"id": "d"}], {})
+    assert sorted(path.name for path in (tmp_path / "img_emb").iterdir()) == ["img_emb_0.npy"]
+    assert [shard.rows for shard in list_shards(tmp_path)] == [2]
