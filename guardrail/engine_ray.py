@@ -200,8 +200,8 @@ def _guardrail_cause(error: BaseException) -> GuardrailError | None:
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, GuardrailError):
-            return type(error)(*error.args) if not hasattr(error, "report") else error
+        if isinstance(error, GuardrailError) and type(error).__module__.startswith("guardrail"):
+            return error  # the actor's own exception, not Ray's wrapper class that also derives from it
         error = getattr(error, "cause", None) or error.__cause__
     return None
 
