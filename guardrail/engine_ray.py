@@ -186,24 +186,17 @@ def _embed_shards_on_ray(payloads: list[dict], options: dict, address: str | Non
             ShardEmbedder, fn_constructor_kwargs=options, batch_size=1, batch_format="numpy", compute=pool,
             **resources,
         )
-        try:
-            for _ in written.iter_batches(batch_format="numpy"):
-                pass
-        except Exception as error:  # noqa: BLE001 - a Ray wrapper around an actor's error: re-raise ours as ours
-            cause = _guardrail_cause(error)
-            if cause is None:
-                raise
-            raise cause from error
+        for batch in written.iter_batches(batch_format="numpy"):
+            for kind, message in zip(batch["error_type"], batch["error"]):
+                if kind:  # an actor stopped on bad input (on_error="raise", a URL without download): raise it here
+                    raise _error_class(str(kind))(str(message))
 
 
-def _guardrail_cause(error: BaseException) -> GuardrailError | None:
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, GuardrailError) and type(error).__module__.startswith("guardrail"):
-            return error  # the actor's own exception, not Ray's wrapper class that also derives from it
-        error = getattr(error, "cause", None) or error.__cause__
-    return None
+def _error_class(name: str) -> type[GuardrailError]:
+    from . import errors
+
+    found = getattr(errors, name, None)
+    return found if isinstance(found, type) and issubclass(found, GuardrailError) else GuardrailError
 
 
 class ShardEmbedder:
@@ -218,16 +211,28 @@ class ShardEmbedder:
         self.batch_size, self.workers, self.on_error, self.folder = batch_size, workers, on_error, folder
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Embed and write each shard of the batch; a GuardrailError comes back as data, since Ray Data's wrapper
+        exceptions lose their cause on the way to the driver."""
+        error_types, errors = [], []
         for number, encoded in zip(batch["shard"], batch["items"]):
-            items = [_item_from_json(item) for item in json.loads(str(encoded))]
-            embedded = _embed_items(items, self.embedder, self.preparer, self.batch_size, self.workers,
-                                    self.on_error, False)
-            dim = self.preparer.dim
-            vectors = np.concatenate(embedded.vectors) if embedded.vectors else np.empty((0, dim), np.float32)
-            info = {"counts": dict(embedded.counts), "skips": embedded.skips,
-                    "converted_modes": dict(embedded.converted_modes)}
-            write_shard(self.folder, int(number), vectors, embedded.records, info)
-        return {"shard": np.asarray(batch["shard"])}
+            kind, message = "", ""
+            try:
+                self._write(int(number), [_item_from_json(item) for item in json.loads(str(encoded))])
+            except GuardrailError as error:
+                kind, message = type(error).__name__, str(error)
+            error_types.append(kind)
+            errors.append(message)
+        return {"shard": np.asarray(batch["shard"]), "error_type": np.asarray(error_types),
+                "error": np.asarray(errors)}
+
+    def _write(self, number: int, items: list[Item]) -> None:
+        embedded = _embed_items(items, self.embedder, self.preparer, self.batch_size, self.workers, self.on_error,
+                                False)
+        dim = self.preparer.dim
+        vectors = np.concatenate(embedded.vectors) if embedded.vectors else np.empty((0, dim), np.float32)
+        info = {"counts": dict(embedded.counts), "skips": embedded.skips,
+                "converted_modes": dict(embedded.converted_modes)}
+        write_shard(self.folder, number, vectors, embedded.records, info)
 
 
 def _read_shards(folder: Path, count: int) -> _Embedded:

@@ -86,6 +86,12 @@ def test_a_ray_build_resumes_from_its_complete_shards(cluster, images, weights_f
                                shard_size=5)
 
 
+def test_on_error_raise_stops_a_ray_build_naming_the_bad_file(cluster, images, weights_file, tmp_path, capsys):
+    code = _build("ray", images, weights_file, tmp_path / "out.safetensors", "--on-error", "raise")
+    assert code == 1 and "broken.png" in capsys.readouterr().err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_ray_mine_finds_the_same_groups_as_local(cluster, tmp_path):
     folder = tmp_path / "emb"
     write_planted_folder(folder, 3000, 32, [4, 6, 30], clusters=10, shard_rows=1000, seed=5)
