@@ -34,29 +34,40 @@ def write_images(folder: Path, count: int, size: int) -> None:
         Image.fromarray(crop.astype(np.uint8)).resize((size, size)).save(folder / f"{i:06d}.jpg", quality=90)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_image_arguments(parser: argparse.ArgumentParser, images: int) -> None:
+    """The options of `prepared_images` (shared with build_engines.py)."""
     parser.add_argument("--model", default="ViT-S-32")
-    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--images", type=int, default=images)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
+
+
+def prepared_images(args: argparse.Namespace, threads: int):
+    """(work folder, weights file, embedder): `args.images` JPEGs in work/images and a seeded model to embed them."""
+    import torch
+
+    from guardrail import OpenCLIPEmbedder
+    from guardrail.offline import write_seeded_open_clip_weights
+
+    torch.set_num_threads(threads)
+    work = Path(tempfile.mkdtemp(prefix="guardrail-bench-"))
+    (work / "images").mkdir()
+    write_images(work / "images", args.images, args.image_size)
+    weights = write_seeded_open_clip_weights(work / "weights.safetensors", model=args.model)
+    return work, weights, OpenCLIPEmbedder(args.model, pretrained=weights, batch_size=args.batch)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_image_arguments(parser, images=512)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--workers", type=int, default=2, help="decode threads of the build")
     parser.add_argument("--peak-memory", action="store_true", help="also measure the CLI build's peak RSS")
     args = parser.parse_args(argv)
 
-    import torch
-
-    from guardrail import OpenCLIPEmbedder
     from guardrail.build import build_blocklist
-    from guardrail.offline import write_seeded_open_clip_weights
 
-    torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="guardrail-bench-"))
-    (work / "images").mkdir()
-    write_images(work / "images", args.images, args.image_size)
-    weights = write_seeded_open_clip_weights(work / "weights.safetensors", model=args.model)
-    embedder = OpenCLIPEmbedder(args.model, pretrained=weights, batch_size=args.batch)
+    work, weights, embedder = prepared_images(args, args.threads)
 
     # Raw: the same model on the same kind of batches, preprocessed beforehand (at most 512 images held in memory).
     files = sorted((work / "images").iterdir())[:512]

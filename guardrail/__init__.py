@@ -14,6 +14,7 @@ from .descriptors import ONNXEmbedder, TorchScriptEmbedder
 from .detector import MemorizationThreshold, calibrate_memorization
 from .embedders import Embedder, OpenCLIPEmbedder
 from .embedding_sets import TILE_GRID, EmbeddingSet
+from .engine_ray import build_blocklist_on_ray
 from .errors import (
     BlocklistError,
     EmbedderMismatchError,
@@ -26,9 +27,12 @@ from .errors import (
 from .guard import Guard, Verdict
 from .images import load_image
 from .index import BlocklistIndex
+from .mine import mine_duplicates
 from .mitigation import DelayGuidance, PerturbPrompt, Reseed, Stage, SteerAway
 from .pipeline import GuardedPipeline, GuardReport
+from .ray_cluster import ClusterError
 from .rebuild import embedder_from_spec
+from .shards import ShardError
 from .stage_calibration import StageCalibration, calibrate_stages
 
 __version__ = "0.1.0"
@@ -40,6 +44,7 @@ __all__ = [
     "BlocklistIndex",
     "BuildError",
     "CalibrationResult",
+    "ClusterError",
     "DelayGuidance",
     "Embedder",
     "EmbedderMismatchError",
@@ -60,14 +65,17 @@ __all__ = [
     "ImageDecodeError",
     "OpenCLIPEmbedder",
     "ResampleExhaustedError",
+    "ShardError",
     "TorchScriptEmbedder",
     "UsageError",
     "Verdict",
     "build_blocklist",
+    "build_blocklist_on_ray",
     "calibrate",
     "calibrate_memorization",
     "calibrate_stages",
     "embedder_from_spec",
     "load_image",
     "merge_blocklists",
+    "mine_duplicates",
 ]

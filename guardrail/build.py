@@ -116,20 +116,35 @@ def build_blocklist(
     preparer = _ItemPreparer(embedder, spec["dim"], download, download_timeout, download_retries,
                              keep_images=descriptor is not None or tiles)
     extras = _ExtraSets(embedder, descriptor, tiles)
-    embedded = _embed_sources(sources, embedder, preparer, batch_size, workers, on_error, progress, extras)
+    embedded = _embed_items(_items_with_unique_ids(sources), embedder, preparer, batch_size, workers, on_error, progress,
+                            extras)
+    return finished_blocklist(sources, embedded, spec, threshold, dedupe, index, nprobe, candidates, started,
+                              extra_sets=extras.sets(descriptor_threshold, threshold))
+
+
+def finished_blocklist(
+    sources: list[str], embedded: "_Embedded", spec: dict, threshold: float, dedupe: float | None, index: str,
+    nprobe: int | str | None, candidates: int | None, started: float, extra_sets: dict | None = None,
+    **report_extras: Any,
+) -> Blocklist:
+    """The embedded vectors and records -> a verified Blocklist with its index and build report (any engine).
+
+    `extra_sets` are `Blocklist` keyword arguments for a descriptor set and tiles. Raises `BuildError` (with the
+    report) when nothing valid remained.
+    """
     if not embedded.records:
         report = _build_report(sources, embedded, dedupe, 0, threshold, time.perf_counter() - started)
         raise BuildError(
             f"no valid images in {sources}: all {len(embedded.skips)} items were skipped "
             f"({', '.join(f'{n} {reason}' for reason, n in report['skipped_by_reason'].items()) or 'none found'})",
-            report,
+            {**report, **report_extras},
         )
     vectors = np.concatenate(embedded.vectors)
     folded, dedupe_index = fold_duplicates(vectors, embedded.records, dedupe) if dedupe is not None else (0, None)
-    blocklist = Blocklist(vectors, embedded.records, spec=spec, threshold=threshold, **extras.sets(descriptor_threshold,
-                                                                                                    threshold))
+    blocklist = Blocklist(vectors, embedded.records, spec=spec, threshold=threshold, **(extra_sets or {}))
     store_trained_index(blocklist, index, index=dedupe_index, nprobe=nprobe, candidates=candidates)
-    blocklist.build_report = _build_report(sources, embedded, dedupe, folded, threshold, time.perf_counter() - started)
+    report = _build_report(sources, embedded, dedupe, folded, threshold, time.perf_counter() - started)
+    blocklist.build_report = {**report, **report_extras}
     return blocklist
 
 
@@ -203,9 +218,9 @@ class _ExtraSets:
         return found
 
 
-def _embed_sources(
-    sources: list[str], embedder: Embedder | None, preparer: "_ItemPreparer", batch_size: int, workers: int,
-    on_error: str, progress: bool, extras: _ExtraSets,
+def _embed_items(
+    items: Iterable[Item], embedder: Embedder | None, preparer: "_ItemPreparer", batch_size: int, workers: int,
+    on_error: str, progress: bool, extras: _ExtraSets | None = None,
 ) -> _Embedded:
     """Read every item (decoding in `workers` threads), embed images in batches and keep precomputed vectors."""
     embedded = _Embedded()
@@ -215,7 +230,7 @@ def _embed_sources(
 
     def embed_images() -> None:
         embedded.add(_embedded_batch(embedder, images), images)
-        if preparer.keep_images:
+        if extras is not None and preparer.keep_images:
             extras.add([prepared.image for prepared in images])
             for prepared in images:
                 prepared.image = None
@@ -228,7 +243,7 @@ def _embed_sources(
         precomputed.clear()
 
     window = max(2 * batch_size, 4 * workers)
-    for prepared in _mapped_in_order(preparer, _items_with_unique_ids(sources), workers, window):
+    for prepared in _mapped_in_order(preparer, items, workers, window):
         embedded.counts["read"] += 1
         if prepared.skip is not None:
             _record_skip(embedded.skips, prepared, on_error)

@@ -161,6 +161,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from .embedders import OpenCLIPEmbedder, open_clip_spec
     from .sources import source_kind
 
+    if args.engine == "local" and (args.address or args.shards or args.actors or args.shard_size):
+        raise UsageError("--address, --shards, --actors and --shard-size are for --engine ray; add --engine ray")
     precomputed_only = all(source_kind(source) == "embeddings" for source in args.sources)
     if precomputed_only:  # LAION / clip-retrieval vectors: the spec is stated, no weights are loaded
         embedder, spec = None, open_clip_spec(args.model, args.pretrained)
@@ -169,30 +171,31 @@ def cmd_build(args: argparse.Namespace) -> int:
         spec = None
     descriptor = None
     if args.descriptor:
+        if args.engine == "ray":
+            raise UsageError("--descriptor and --tiles are built by --engine local only, for now; drop --engine ray")
         from .descriptors import descriptor_from_file
 
         descriptor = descriptor_from_file(args.descriptor, image_size=args.descriptor_image_size,
                                           resize_mode=args.descriptor_resize, device=args.device,
                                           batch_size=args.batch_size)
+    if args.tiles and args.engine == "ray":
+        raise UsageError("--descriptor and --tiles are built by --engine local only, for now; drop --engine ray")
+    options = dict(threshold=args.threshold, dedupe=args.dedupe, on_error=args.on_error, spec=spec,
+                   batch_size=args.batch_size, workers=args.workers, download=args.download, index=args.index,
+                   nprobe=args.nprobe, candidates=args.candidates)
     try:
-        blocklist = build_blocklist(
-            args.sources,
-            embedder,
-            threshold=args.threshold,
-            dedupe=args.dedupe,
-            on_error=args.on_error,
-            spec=spec,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            download=args.download,
-            progress=args.progress if args.progress is not None else sys.stderr.isatty(),
-            index=args.index,
-            nprobe=args.nprobe,
-            candidates=args.candidates,
-            descriptor=descriptor,
-            descriptor_threshold=args.descriptor_threshold,
-            tiles=args.tiles,
-        )
+        if args.engine == "ray":
+            from .engine_ray import SHARD_SIZE, build_blocklist_on_ray, default_shard_folder
+
+            blocklist = build_blocklist_on_ray(
+                args.sources, embedder, pretrained=args.pretrained, address=args.address, actors=args.actors,
+                device=args.device, shards=args.shards or default_shard_folder(args.output),
+                shard_size=args.shard_size or SHARD_SIZE, **options,
+            )
+        else:
+            progress = args.progress if args.progress is not None else sys.stderr.isatty()
+            blocklist = build_blocklist(args.sources, embedder, progress=progress, descriptor=descriptor,
+                                        descriptor_threshold=args.descriptor_threshold, tiles=args.tiles, **options)
     except BuildError as error:
         if args.report:
             _write_json_atomically(args.report, {**error.report, "output": None, "error": str(error)})
@@ -209,6 +212,52 @@ def cmd_build(args: argparse.Namespace) -> int:
     for reason, count in report["skipped_by_reason"].items():
         print(f"  skipped {count}: {reason}")
     return 0
+
+
+def cmd_mine(args: argparse.Namespace) -> int:
+    """Mine near-duplicate groups from embedding folders into a blocklist of one representative per group."""
+    import time
+
+    from .embedders import open_clip_spec
+    from .mine import mine_duplicates
+
+    started = time.perf_counter()
+    blocklist = mine_duplicates(
+        args.embeddings, open_clip_spec(args.model, args.pretrained), min_duplicates=args.min_duplicates,
+        similarity=args.similarity, threshold=args.threshold, engine=args.engine, address=args.address,
+        lists=args.lists, work_dir=args.work_dir,
+    )
+    blocklist.save(args.output, dtype=args.dtype)
+    sizes = [entry["duplicates"] for entry in blocklist.entries]
+    print(f"wrote {args.output}: {len(blocklist)} groups of {args.min_duplicates}+ near-duplicates at cosine >= "
+          f"{args.similarity} ({sum(sizes)} vectors, largest {max(sizes)}) in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def add_mine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `guardrail mine`."""
+    parser.add_argument("embeddings", nargs="+", metavar="EMBEDDINGS",
+                        help="clip-retrieval / LAION embedding folder (img_emb/*.npy + metadata/*.parquet)")
+    parser.add_argument("-o", "--output", required=True, metavar="CANDIDATES.safetensors")
+    parser.add_argument("--model", required=True, help="open_clip model that made the vectors (LAION's: ViT-L-14)")
+    parser.add_argument("--pretrained", required=True, help="its pretrained tag or weights file (LAION's: openai)")
+    parser.add_argument("--min-duplicates", type=int, default=5, metavar="N", help="smallest group kept (default 5)")
+    parser.add_argument("--similarity", type=float, default=0.95, metavar="S",
+                        help="cosine at or above which two vectors are near-duplicates (default 0.95)")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                        help=f"match threshold stored in the blocklist (default {DEFAULT_THRESHOLD})")
+    parser.add_argument("--lists", type=int, metavar="N", help="coarse lists (default: one per 1,000 vectors)")
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored vector dtype")
+    parser.add_argument("--work-dir", metavar="DIR", help="scratch folder of the local engine's shuffle")
+    add_engine_arguments(parser)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--engine` and `--address`, shared by build and mine."""
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local: this process (default, needs no Ray); ray: a Ray Data cluster")
+    parser.add_argument("--address", metavar="ADDR",
+                        help="Ray cluster address (HOST:PORT, ray://HOST:PORT or auto; default: a local cluster)")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -440,7 +489,17 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--report", metavar="REPORT.json", help="write the build report (counts, skips) here")
     build.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar on stderr (default: when stderr is a terminal)")
+    add_engine_arguments(build)
+    build.add_argument("--shards", metavar="DIR", help="--engine ray: shard folder, resumed on re-run "
+                       "(default: OUT.safetensors.shards)")
+    build.add_argument("--actors", type=int, metavar="N",
+                       help="--engine ray: embedders at once (default: one per GPU, else one per CPU)")
+    build.add_argument("--shard-size", type=int, metavar="N", help="--engine ray: items per shard (default 1000)")
     build.set_defaults(run=cmd_build)
+
+    mine = verbs.add_parser("mine", help="mine near-duplicate groups of a training set's embeddings into a blocklist")
+    add_mine_arguments(mine)
+    mine.set_defaults(run=cmd_mine)
 
     merge = verbs.add_parser("merge", help="merge blocklists built with the same embedder")
     merge.add_argument("blocklists", nargs="+", metavar="BLOCKLIST")

@@ -15,18 +15,17 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from .errors import UsageError
+from .shards import CAPTION_COLUMNS, ID_COLUMNS, iter_records, list_shards, open_vectors, read_parquet
+from .shards import jsonable as _jsonable
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # Column names that manifests in the wild use, in order of preference.
 PATH_COLUMNS = ("path", "filepath", "file", "image_path", "image")
 URL_COLUMNS = ("url", "URL", "image_url")
-CAPTION_COLUMNS = ("caption", "TEXT", "text", "prompt")
-ID_COLUMNS = ("id", "key", "index", "sample_id", "uid")
 
 
 @dataclass
@@ -108,20 +107,9 @@ def read_manifest_rows(source: str) -> list[dict]:
             if not all(isinstance(row, dict) for row in rows):
                 raise UsageError(f"manifest {source!r}: every line must be a JSON object")
             return rows
-        return _read_parquet(source).to_pylist()
+        return read_parquet(source).to_pylist()
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as error:
         raise UsageError(f"manifest {source!r} cannot be parsed: {error}") from error
-
-
-def _read_parquet(source: str):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as error:
-        raise UsageError("reading .parquet needs pyarrow: pip install pyarrow") from error
-    try:
-        return pq.read_table(source)
-    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
-        raise UsageError(f"{source!r} is not a readable parquet file: {error}") from error
 
 
 def _manifest(source: str) -> Iterator[Item]:
@@ -152,14 +140,6 @@ def _manifest(source: str) -> Iterator[Item]:
             yield Item(record, url=str(row.get(url_column) or location))
         else:
             yield Item(record)  # no location at all: reported as skipped by the builder
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
 
 
 def _webdataset(source: str) -> Iterator[Item]:
@@ -210,27 +190,7 @@ def _shard_items(shard: str) -> Iterator[Item]:
 
 def _embeddings(source: str) -> Iterator[Item]:
     """clip-retrieval output: `img_emb/img_emb_{i}.npy` with `metadata/metadata_{i}.parquet` rows in the same order."""
-    root = Path(source)
-    arrays = sorted((root / "img_emb").glob("*.npy"), key=_natural_key)
-    if not arrays:
-        raise UsageError(f"embedding folder {source!r} has no img_emb/*.npy files")
-    for array_path in arrays:
-        vectors = np.load(array_path, mmap_mode="r", allow_pickle=False)
-        suffix = array_path.stem.rpartition("_")[2]
-        metadata_path = root / "metadata" / f"metadata_{suffix}.parquet"
-        rows = _read_parquet(str(metadata_path)).to_pylist() if metadata_path.is_file() else []
-        if rows and len(rows) != len(vectors):
-            raise UsageError(f"{metadata_path} has {len(rows)} rows but {array_path} has {len(vectors)} vectors")
-        for row_number in range(len(vectors)):
-            row = rows[row_number] if rows else {}
-            record = {key: _jsonable(value) for key, value in row.items()}
-            identifier = next((row[c] for c in ID_COLUMNS if row.get(c) is not None), None)
-            record["id"] = str(identifier) if identifier is not None else f"{array_path.name}:{row_number}"
-            record["source"] = f"{array_path}:{row_number}"
-            if "caption" not in record and _first(record, CAPTION_COLUMNS):
-                record["caption"] = record[_first(record, CAPTION_COLUMNS)]
+    for shard in list_shards(source):
+        vectors = open_vectors(shard.vectors_path)
+        for row_number, record in enumerate(iter_records(shard)):
             yield Item(record, vector=np.asarray(vectors[row_number], dtype=np.float32))
-
-
-def _natural_key(path: Path) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
