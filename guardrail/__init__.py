@@ -17,11 +17,13 @@ from .embedding_sets import TILE_GRID, EmbeddingSet
 from .engine_ray import build_blocklist_on_ray
 from .errors import (
     BlocklistError,
+    ClusterError,
     EmbedderMismatchError,
     GuardrailError,
     ImageDecodeError,
     ModelFileError,
     ResampleExhaustedError,
+    ShardError,
     UsageError,
 )
 from .guard import Guard, Verdict
@@ -30,9 +32,7 @@ from .index import BlocklistIndex
 from .mine import mine_duplicates
 from .mitigation import DelayGuidance, PerturbPrompt, Reseed, Stage, SteerAway
 from .pipeline import GuardedPipeline, GuardReport
-from .ray_cluster import ClusterError
 from .rebuild import embedder_from_spec
-from .shards import ShardError
 from .stage_calibration import StageCalibration, calibrate_stages
 
 __version__ = "0.1.0"

@@ -31,6 +31,14 @@ class ModelFileError(GuardrailError):
     """A TorchScript or ONNX file is not a usable model: missing, not of its format, or wrong output on a probe."""
 
 
+class ShardError(GuardrailError):
+    """An embedding shard is missing, unreadable or inconsistent (wrong dim, NaN rows, metadata row count)."""
+
+
+class ClusterError(GuardrailError):
+    """The Ray cluster at the given address cannot be reached, or Ray is not installed."""
+
+
 class ImageDecodeError(GuardrailError, ValueError):
     """An input image cannot be decoded or turned into a valid embedding (corrupt, empty, NaN, bad shape)."""
 

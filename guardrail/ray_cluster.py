@@ -14,16 +14,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .errors import GuardrailError, UsageError
+from .errors import ClusterError, UsageError
 
 CONNECT_TIMEOUT_S = 5.0
 """How long the probe of `--address` waits for its port to accept a connection."""
 DEFAULT_GCS_PORT = 6379
 DEFAULT_CLIENT_PORT = 10001
-
-
-class ClusterError(GuardrailError):
-    """The Ray cluster at the given address cannot be reached, or Ray is not installed."""
 
 
 def import_ray() -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import GuardrailError, UsageError
+from .errors import ShardError, UsageError
 
 VECTORS_FOLDER, METADATA_FOLDER = "img_emb", "metadata"
 RECORD_COLUMN = "guardrail_record"
@@ -29,10 +29,6 @@ SPEC_FILE = "guardrail-spec.json"
 ID_COLUMNS = ("id", "key", "index", "sample_id", "uid")
 CAPTION_COLUMNS = ("caption", "TEXT", "text", "prompt")
 FINITE_CHECK_ROWS = 65536
-
-
-class ShardError(GuardrailError):
-    """An embedding shard is missing, unreadable or inconsistent (wrong dim, NaN rows, metadata row count)."""
 
 
 @dataclass(frozen=True)
