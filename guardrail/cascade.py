@@ -82,7 +82,8 @@ def staged_verdicts(snapshot, embedder: Embedder, descriptor: Embedder | None, t
     main vectors with tiles). `snapshot` is the guard's (blocklist, index, thresholds, disabled rows)."""
     blocklist, thresholds = snapshot.blocklist, snapshot.thresholds
     main_vectors, main_tiles = embed_with_tiles(embedder, images, tiles)
-    queries = main_vectors if main_tiles is None else np.concatenate([main_vectors, main_tiles.reshape(-1, main_vectors.shape[1])])
+    queries = main_vectors if main_tiles is None else np.concatenate(
+        [main_vectors, main_tiles.reshape(-1, main_vectors.shape[1])])
     _, found = snapshot.index.search(queries, k=recall_k, skip=snapshot.row_filter)
     per_image = [found[i] for i in range(len(images))]
     if main_tiles is not None:  # the tiles' proposals join their image's
@@ -90,7 +91,7 @@ def staged_verdicts(snapshot, embedder: Embedder, descriptor: Embedder | None, t
         per_image = [np.concatenate([rows, tile_rows[i]]) for i, rows in enumerate(per_image)]
     main_set = blocklist.embedding_set()
     verdicts: list = [None] * len(images)
-    proposed: dict[int, _Scored] = {}
+    proposed: dict[int, tuple[_Scored, np.ndarray]] = {}  # image -> its main scores and the rows it proposes
     for i, rows in enumerate(per_image):
         rows = np.unique(rows[rows >= 0])
         rows = rows[[int(row) not in snapshot.disabled_rows for row in rows]] if snapshot.disabled_rows else rows
@@ -108,13 +109,12 @@ def staged_verdicts(snapshot, embedder: Embedder, descriptor: Embedder | None, t
             verdicts[i] = Verdict(False, float(main.whole[nearest]), entry["id"], dict(entry), stage="recall",
                                   scores=_scores(main, None))
             continue
-        proposed[i] = main
+        proposed[i] = (main, main.rows[passes])
     if proposed:
         positions = sorted(proposed)
         descriptor_vectors, descriptor_tiles = embed_with_tiles(descriptor, [images[i] for i in positions], tiles)
         for j, i in enumerate(positions):
-            main = proposed[i]
-            rows = main.rows[main.best() >= thresholds.recall]
+            main, rows = proposed[i]
             decided = _scored(blocklist.descriptor, rows, descriptor_vectors[j],
                               None if descriptor_tiles is None else descriptor_tiles[j])
             verdicts[i] = _verdict(blocklist, decided, thresholds.descriptor, thresholds.descriptor_tile,

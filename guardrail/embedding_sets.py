@@ -87,12 +87,7 @@ def check_embedding_set(name: str, embedding_set: EmbeddingSet, count: int) -> N
 
 def check_tiles(name: str, tiles: np.ndarray, count: int, dim: int) -> None:
     """One unit vector per entry and tile of `TILE_GRID`, or a `BlocklistError` naming `name`."""
-    shape = np.shape(tiles)
-    if shape != (count, len(TILE_GRID), dim):
-        raise BlocklistError(
-            f"{name} have shape {shape}; expected ({count}, {len(TILE_GRID)}, {dim}): one vector per entry and tile "
-            f"of {TILE_GRID}"
-        )
+    check_tile_shape("tiles", name, np.shape(tiles), count, dim)
     check_unit_vectors(np.asarray(tiles, np.float32).reshape(-1, dim))
 
 
@@ -163,5 +158,7 @@ def check_extra_layout(where: str, shapes: dict[str, tuple], metadata: dict[str,
 
 
 def check_tile_shape(where: str, name: str, shape: tuple, count: int, dim: int) -> None:
+    """One vector per entry and tile of `TILE_GRID`, or a `BlocklistError` naming `where` and `name`."""
     if shape != (count, len(TILE_GRID), dim):
-        raise BlocklistError(f"{where}: {name} has shape {shape}; expected ({count}, {len(TILE_GRID)}, {dim})")
+        raise BlocklistError(f"{where}: {name} has shape {shape}; expected ({count}, {len(TILE_GRID)}, {dim}): one "
+                             f"vector per entry and tile of {TILE_GRID}")

@@ -96,6 +96,7 @@ def substituted(code: str, substitutions: list[tuple[str, str]], where: str) -> 
 
 
 PROMPT = "a photo of an astronaut riding a horse"
+# README text that the substitution tables below replace before running: the hub id is never loaded (no network).
 LOAD_SD = (
     'StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", '
     'torch_dtype=torch.float16).to("cuda")'
